@@ -1,0 +1,1 @@
+"""Phalanx's serving side: the gRPC inference service, its batcher, model holder, metrics and clients."""

@@ -1,0 +1,1 @@
+"""Phalanx's learning side: the built-in simulator, the shared policy, PPO, the model repository."""
