@@ -24,6 +24,7 @@ import torch
 
 from .scenario import LOOPS_PER_SECOND, LOOPS_PER_STEP, N_NON_ATTACK_ACTIONS, SECONDS_PER_STEP, Scenario
 
+RANGE_SLACK = 1e-3  # a unit that closed in to exactly its weapon range counts as in range despite rounding
 _MOVES = torch.tensor([[0.0, 1.0], [0.0, -1.0], [1.0, 0.0], [-1.0, 0.0]])  # north, south, east, west
 
 
@@ -70,16 +71,18 @@ class BattleSim:
 
     `sim = BattleSim(load_scenario("3m"), n_envs=1024, seed=0)`; `out = sim.reset()`;
     `out = sim.step(actions)` with `actions` (E, A) int64, legal under `out.avail`.
+    Finished games restart at once unless `auto_reset=False`; `check_actions=False` skips the mask check.
     """
 
     def __init__(self, scenario: Scenario, n_envs: int, seed: int = 0, device: str | torch.device = "cpu",
-                 check_actions: bool = True):
+                 check_actions: bool = True, auto_reset: bool = True):
         if n_envs < 1:
             raise ValueError(f"n_envs must be >= 1, got {n_envs}")
         self.scenario = sc = scenario
         self.n_envs = E = n_envs
         self.device = dev = torch.device(device)
         self.check_actions = check_actions
+        self.auto_reset = auto_reset  # False keeps a finished game's final state (for replays)
         self.n_agents = A = sc.n_agents
         self.n_enemies = M = sc.n_enemies
         self.n_units = U = A + M
@@ -187,12 +190,7 @@ class BattleSim:
     def reset(self) -> StepOutput:
         """Restart every game."""
         self._reset_games(torch.ones(self.n_envs, dtype=torch.bool, device=self.device))
-        self._observe()
-        zeros = torch.zeros(self.n_envs, device=self.device)
-        izeros = torch.zeros(self.n_envs, dtype=torch.int64, device=self.device)
-        no = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
-        return StepOutput(self.obs, self.state, self.avail, self.alive[:, :self.n_agents], zeros, no, no, no,
-                          zeros, izeros, izeros, izeros)
+        return self.refresh()
 
     def step(self, actions: torch.Tensor) -> StepOutput:
         A, E = self.n_agents, self.n_envs
@@ -205,6 +203,8 @@ class BattleSim:
         pre_hp, pre_sh, pre_alive = self.hp, self.sh, self.alive
         target, move_dir = self._orders(actions)
         fire, in_range, chase_len, tgt = self._engage(target)
+        self.last_fire, self.last_target = fire, tgt  # for drawing replays: who fired at whom this step
+        self.last_heal = in_range & self.healer
         damage_taken, hits_taken = self._hits(fire, tgt)
         heal = self._heals(in_range, tgt)
         self._apply(damage_taken, hits_taken, heal, fire)
@@ -227,10 +227,19 @@ class BattleSim:
         self.last_actions = actions
         stats = dict(won=won, timeout=timeout, episode_return=self.ep_return, episode_length=self.t,
                      allies_left=self.alive[:, :A].sum(1), enemies_left=self.alive[:, enemy].sum(1))
-        if bool(done.any()):
+        if self.auto_reset and bool(done.any()):
             self._reset_games(done)
         self._observe()
         return StepOutput(self.obs, self.state, self.avail, self.alive[:, :A], reward, done, **stats)
+
+    def refresh(self) -> StepOutput:
+        """Recompute observations, state and masks after editing unit state by hand (tests, custom set-ups)."""
+        self._observe()
+        zeros = torch.zeros(self.n_envs, device=self.device)
+        izeros = torch.zeros(self.n_envs, dtype=torch.int64, device=self.device)
+        no = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
+        return StepOutput(self.obs, self.state, self.avail, self.alive[:, :self.n_agents], zeros, no, no, no,
+                          zeros, izeros, izeros, izeros)
 
     def _check(self, actions: torch.Tensor):
         if bool(((actions < 0) | (actions >= self.n_actions)).any()):
@@ -267,7 +276,7 @@ class BattleSim:
         A = self.n_agents
         d = self.edge[:, A:, :A]  # (E, M, A) edge distance enemy -> agent
         alive_a = self.alive[:, None, :A]
-        in_range = d <= self.wrange[A:, None]
+        in_range = d <= self.wrange[A:, None] + RANGE_SLACK
         score = d + 1000.0 * (~in_range) + 100.0 * self.healer[None, None, :A] + 1e6 * (~alive_a)
         best = score.argmin(2)  # (E, M) agent index
         cur = self.ai_target[:, A:]
@@ -280,7 +289,7 @@ class BattleSim:
             de = self.edge[:, A:, A:]
             fighter = self.alive[:, None, A:] & ~self.healer[None, None, A:]
             hurt = self.hp[:, None, A:] < self.max_hp[None, None, A:]
-            in_heal_range = de <= self.wrange[A:, None]
+            in_heal_range = de <= self.wrange[A:, None] + RANGE_SLACK
             hscore = (de + 1000.0 * ~(hurt & in_heal_range) + self.hp[:, None, A:] / self.max_hp[A:]
                       + 1e6 * ~fighter)
             heal_target = hscore.argmin(2) + A
@@ -297,7 +306,7 @@ class BattleSim:
         tgt_alive = self.alive.gather(1, tgt)
         edge = self.edge.gather(2, tgt[..., None]).squeeze(2)  # (E, U)
         has = has & tgt_alive
-        in_range = has & (edge <= self.wrange)
+        in_range = has & (edge <= self.wrange + RANGE_SLACK)
         ready = self.cooldown < LOOPS_PER_STEP
         fire = in_range & ready & ~self.healer
         chase_len = torch.where(has & ~in_range, (edge - self.wrange).clamp(min=0), 0.0)
