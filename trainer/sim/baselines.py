@@ -25,8 +25,8 @@ def _approach(sim: BattleSim) -> torch.Tensor:
     A = sim.n_agents
     d = sim.dist[:, :A, A:].masked_fill(~sim.alive[:, None, A:], float("inf"))
     nearest = d.argmin(2)
-    delta = sim.diff[:, :A, A:].gather(2, nearest[..., None, None].expand(-1, -1, 1, 2)).squeeze(2)
-    dx, dy = delta[..., 0], delta[..., 1]
+    dx = sim.dx[:, :A, A:].gather(2, nearest[..., None]).squeeze(2)
+    dy = sim.dy[:, :A, A:].gather(2, nearest[..., None]).squeeze(2)
     vertical = torch.where(dy >= 0, 2, 3)
     horizontal = torch.where(dx >= 0, 4, 5)
     move = torch.where(dx.abs() >= dy.abs(), horizontal, vertical)

@@ -11,7 +11,8 @@ Units 0..A-1 of every game are the agents (controlled by the caller), units A..A
 All of it is elementwise or a reduction along one game's own units, so game i's result never
 depends on the other games in the batch: stepping E games together equals stepping each alone.
 
-Simplifications (documented, deliberate): units do not collide; hits landing on one unit within the
+Simplifications (documented, deliberate): ground units push apart by one relaxation pass per step rather
+than pathing around each other; hits landing on one unit within the
 same step are pooled before shields and armor apply (exact for one hit; for several hits armor still
 applies per hit); a weapon fires at most once per step (every unit's cooldown exceeds 8 loops).
 """
@@ -54,6 +55,11 @@ class StepOutput:
 
 class IllegalActionError(ValueError):
     """An action was given that the action mask forbids."""
+
+
+def _pairwise(v: torch.Tensor) -> torch.Tensor:
+    """(E, U) -> (E, U, U) with [e, i, j] = v[e, j] - v[e, i]."""
+    return v[:, None, :] - v[:, :, None]
 
 
 def _hash_uniform(seed: torch.Tensor, episode: torch.Tensor, n: int) -> torch.Tensor:
@@ -132,6 +138,13 @@ class BattleSim:
         self.max_reward = sc.max_reward
         self.reward_scale = sc.max_reward / 20.0
         self.spawn = self._formation()  # (U, 2)
+        # collisions: which pairs of ground units push each other, and which share of the push each takes
+        ground = per_unit([not u.flying for u in units], torch.bool)
+        mobile = per_unit([float(u.speed > 0) for u in units])
+        self.collides = ground[:, None] & ground[None, :] & ~torch.eye(U, dtype=torch.bool, device=dev)
+        self.push_share = mobile[:, None] / (mobile[:, None] + mobile[None, :]).clamp(min=1e-9)
+        order = torch.arange(U, device=dev)
+        self.tie_break = torch.sign(order[None, :] - order[:, None]).float()  # units on one spot part along x
 
         # --- dynamic state ---------------------------------------------------------------------------
         self.seeds = seed + torch.arange(E, dtype=torch.int64, device=dev)
@@ -359,11 +372,26 @@ class BattleSim:
     def _move(self, move_dir: torch.Tensor, chase_len: torch.Tensor, tgt: torch.Tensor):
         step = torch.minimum(self.step_len, torch.tensor(self.scenario.move_amount, device=self.device))
         delta = move_dir * step[:, None]
-        towards = self.pos.gather(1, tgt.clamp(min=0)[..., None].expand(-1, -1, 2)) - self.pos
-        length = towards.norm(dim=2, keepdim=True).clamp(min=1e-6)
-        chase = torch.minimum(chase_len, self.step_len)[..., None] * towards / length
-        delta = torch.where((chase_len > 0)[..., None], chase, delta) * self.alive[..., None]
-        self.pos = torch.minimum(torch.maximum(self.pos + delta, torch.zeros_like(self.map_size)), self.map_size)
+        # towards the target: the pairwise offsets of the start of the step, gathered at each unit's target
+        tgt0 = tgt.clamp(min=0)[..., None]
+        tx, ty = self.dx.gather(2, tgt0).squeeze(2), self.dy.gather(2, tgt0).squeeze(2)
+        length = torch.hypot(tx, ty).clamp(min=1e-6)
+        chase = torch.minimum(chase_len, self.step_len) / length
+        chasing = chase_len > 0
+        delta_x = torch.where(chasing, chase * tx, delta[..., 0]) * self.alive
+        delta_y = torch.where(chasing, chase * ty, delta[..., 1]) * self.alive
+        x, y = self.pos[..., 0] + delta_x, self.pos[..., 1] + delta_y
+        # ground units push each other apart: one relaxation pass per step, split by who can move
+        dx, dy = _pairwise(x), _pairwise(y)  # (E, i, j): from i to j
+        dist = torch.hypot(dx, dy)
+        both = self.alive[:, :, None] & self.alive[:, None, :] & self.collides
+        push = (self.radius[:, None] + self.radius[None, :] - dist).clamp(min=0) * both * self.push_share
+        apart = dist > 1e-6
+        inv = push / dist.clamp(min=1e-6)
+        x = x - torch.where(apart, inv * dx, push * self.tie_break).sum(2)
+        y = y - torch.where(apart, inv * dy, 0.0).sum(2)
+        self.pos = torch.stack([x, y], 2)
+        self.pos = torch.minimum(torch.maximum(self.pos, torch.zeros_like(self.map_size)), self.map_size)
 
     # --- 4. timers and regeneration ---------------------------------------------------------------------
     def _tick(self, fire: torch.Tensor, was_hit: torch.Tensor):
@@ -378,9 +406,8 @@ class BattleSim:
     def _observe(self):
         sc = self.scenario
         A, M, E = self.n_agents, self.n_enemies, self.n_envs
-        diff = self.pos[:, None, :, :] - self.pos[:, :, None, :]  # (E, from, to, 2): to - from
-        self.diff = diff
-        self.dist = diff.norm(dim=3)
+        self.dx, self.dy = _pairwise(self.pos[..., 0]), _pairwise(self.pos[..., 1])  # (E, from, to): to - from
+        self.dist = torch.hypot(self.dx, self.dy)
         self.edge = self.dist - self.radius[None, :, None] - self.radius[None, None, :]
         sight = sc.sight_range
         alive_a, alive_e = self.alive[:, :A], self.alive[:, A:]
@@ -401,9 +428,9 @@ class BattleSim:
         def rel_block(j_from: int, j_to: int, others: torch.Tensor | None):
             """[distance, dx, dy, health, (shield), (type one-hot)] of units j_from:j_to seen from each agent."""
             d = self.dist[:, :A, j_from:j_to]
-            dxy = self.diff[:, :A, j_from:j_to]
             hp = (self.hp / self.max_hp)[:, None, j_from:j_to].expand(-1, A, -1)
-            feats = [d[..., None] / sight, dxy / sight, hp[..., None]]
+            feats = [d[..., None] / sight, self.dx[:, :A, j_from:j_to, None] / sight,
+                     self.dy[:, :A, j_from:j_to, None] / sight, hp[..., None]]
             if (self.max_sh[j_from:j_to] > 0).any():
                 sh = (self.sh / self.max_sh.clamp(min=1e-9))[:, None, j_from:j_to].expand(-1, A, -1)
                 feats.append(sh[..., None])

@@ -54,6 +54,7 @@ class UnitType:
     energy_start: float
     energy_regen: float
     cooldown_norm: float
+    flying: bool
 
     @property
     def is_healer(self) -> bool:
@@ -224,6 +225,7 @@ _UNIT_FIELDS = {
     "energy_start": (float, 0.0),
     "energy_regen": (float, 0.0),
     "cooldown_norm": (float, 1.0),
+    "flying": (bool, False),
 }
 
 _SCENARIO_FIELDS = {
