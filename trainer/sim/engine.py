@@ -130,6 +130,7 @@ class BattleSim:
         self.opposing = self.team[:, None] != self.team[None, :]  # (U, U)
         self.type_onehot = torch.eye(max(sc.type_bits, 1), device=dev)[self.type_id][:, :sc.type_bits]
         self.map_size = torch.tensor(sc.map_size, device=dev)
+        self.attack_point = torch.tensor(sc.attack_point, device=dev)
         self.moves = _MOVES.to(dev)
         # for ally features: agent a's i-th other ally
         self.others = torch.tensor([[j for j in range(A) if j != a] for a in range(A)], dtype=torch.int64,
@@ -277,21 +278,25 @@ class BattleSim:
         is_move = (actions >= 2) & (actions < 6)
         agent_move = self.moves[(actions - 2).clamp(0, 3)] * is_move[..., None]
 
-        enemy_target = self._ai_targets()
+        enemy_target, enemy_move = self._ai_orders()
         target = torch.cat([agent_target, enemy_target], 1)
-        move_dir = torch.cat([agent_move, torch.zeros(E, M, 2, device=self.device)], 1)
+        move_dir = torch.cat([agent_move, enemy_move], 1)
         return target, move_dir
 
-    def _ai_targets(self) -> torch.Tensor:
-        """The built-in AI: attack-move onto the agents. Keep the current target while it is alive and in
-        weapon range; otherwise prefer units in range, then units that can fight back, then the nearest.
-        AI healers follow and heal the most hurt friendly fighter in range, else the nearest one."""
+    def _ai_orders(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The built-in AI attack-moves to the agents' start (SMAC's attack point), engaging agents within
+        sight on the way. It keeps its target while that stays alive and in weapon range; otherwise it
+        prefers agents in range, then agents that can fight back, then the nearest. AI healers follow and
+        heal the most hurt friendly fighter in reach. -> target (E, M) (-1: none), move direction (E, M, 2)."""
         A = self.n_agents
         d = self.edge[:, A:, :A]  # (E, M, A) edge distance enemy -> agent
         alive_a = self.alive[:, None, :A]
         in_range = d <= self.wrange[A:, None] + RANGE_SLACK
-        score = d + 1000.0 * (~in_range) + 100.0 * self.healer[None, None, :A] + 1e6 * (~alive_a)
-        best = score.argmin(2)  # (E, M) agent index
+        seen = self.dist[:, A:, :A] <= self.scenario.sight_range
+        score = (d + 1000.0 * (~in_range) + 100.0 * self.healer[None, None, :A] + 1e5 * (~seen)
+                 + 1e6 * (~alive_a))
+        best_score, best = score.min(2)  # (E, M)
+        best = torch.where(best_score < 1e5, best, -1)
         cur = self.ai_target[:, A:]
         cur_ok = (cur >= 0) & (cur < A)
         cur_idx = cur.clamp(0, A - 1)
@@ -309,7 +314,12 @@ class BattleSim:
             target = torch.where(self.healer[A:], heal_target, target)
         target = torch.where(self.alive[:, A:], target, -1)
         self.ai_target = torch.cat([self.ai_target[:, :A], target], 1)
-        return target
+        # nobody to fight: walk on towards the attack point, arriving exactly
+        to_point = self.attack_point - self.pos[:, A:]
+        gap = to_point.norm(dim=2, keepdim=True)
+        walk = to_point / gap.clamp(min=1e-6) * (gap / self.step_len[A:, None]).clamp(max=1.0)
+        move = torch.where((target < 0)[..., None] & self.alive[:, A:, None], walk, 0.0)
+        return target, move
 
     # --- 2. attacks --------------------------------------------------------------------------------------
     def _engage(self, target: torch.Tensor):

@@ -78,6 +78,7 @@ class Scenario:
     sight_range: float = 9.0  # SMAC v1 uses these two for every unit when building observations and masks
     shoot_range: float = 6.0
     move_amount: float = 2.0
+    attack_point: tuple[float, float] | None = None  # where the AI attack-moves to; default: the agents' start
     unit_types: tuple[str, ...] = field(init=False)
 
     def __post_init__(self):
@@ -86,6 +87,8 @@ class Scenario:
             if u.name not in order:
                 order.append(u.name)
         object.__setattr__(self, "unit_types", tuple(order))
+        if self.attack_point is None:
+            object.__setattr__(self, "attack_point", self.agent_spawn)
 
     # --- sizes, laid out as SMAC lays them out -------------------------------------------------------
     @property
@@ -241,6 +244,7 @@ _SCENARIO_FIELDS = {
     "sight_range": (float, 9.0),
     "shoot_range": (float, 6.0),
     "move_amount": (float, 2.0),
+    "attack_point": (list, None),
 }
 
 _RACES = ("terran", "protoss", "zerg", "other")
@@ -346,7 +350,9 @@ def _parse_scenario(name: str, table: dict, units: dict[str, UnitType], where: s
     if v["jitter"] < 0:
         raise ScenarioError(f"{where}.jitter: must be >= 0, got {v['jitter']}")
     spawns = {}
-    for key in ("agent_spawn", "enemy_spawn"):
+    for key in ("agent_spawn", "enemy_spawn", "attack_point"):
+        if v[key] is None:
+            continue
         x, y = _parse_pair(v[key], where, key)
         if not (0 <= x <= map_size[0] and 0 <= y <= map_size[1]):
             raise ScenarioError(f"{where}.{key}: [{x}, {y}] lies outside the map {list(map_size)}")
@@ -357,7 +363,8 @@ def _parse_scenario(name: str, table: dict, units: dict[str, UnitType], where: s
         raise ScenarioError(f"{where}: each team needs at least one unit that attacks")
     return Scenario(
         name=name, map_size=map_size, episode_limit=v["episode_limit"], agents=agents, enemies=enemies,
-        agent_spawn=spawns["agent_spawn"], enemy_spawn=spawns["enemy_spawn"], spacing=v["spacing"],
+        agent_spawn=spawns["agent_spawn"], enemy_spawn=spawns["enemy_spawn"],
+        attack_point=spawns.get("attack_point"), spacing=v["spacing"],
         columns=v["columns"], jitter=v["jitter"], sight_range=v["sight_range"], shoot_range=v["shoot_range"],
         move_amount=v["move_amount"])
 
