@@ -1,0 +1,183 @@
+"""`SC2Battle`: one real StarCraft II game behind the simulator's API (reset/step -> StepOutput).
+
+Playing needs the game: StarCraft II installed (SC2PATH pointing at it, or the default location for the
+platform), SMAC's maps copied into `$SC2PATH/Maps/SMAC_Maps/` (https://github.com/oxwhirl/smac#smac-maps),
+and `pysc2-evolved` (the `sc2` extra). Without them pass any pysc2-style env object to `SC2Battle(env=...)`
+(tests use pysc2's `mock_sc2_env.SC2TestEnv`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from trainer.sim.engine import StepOutput
+from trainer.sim.scenario import Scenario
+
+from .adapter import RawConverter, RawGeometry, SlotError
+
+DEFAULT_RAW_CELLS_PER_UNIT = 8  # raw_resolution = 8 x the scenario map: positions to 1/8 map unit
+
+
+@functools.cache
+def _smac_map_class():
+    from pysc2_evolved.maps import lib
+
+    class SMACMap(lib.Map):
+        """A SMAC map file by name. The file name is set per instance (not per subclass, which pysc2
+        would register globally), so any scenario name works: `SMACMap()` then `.filename = "3m"`."""
+
+        directory = "SMAC_Maps"
+        download = "https://github.com/oxwhirl/smac#smac-maps"
+        players = 2
+        step_mul = 8
+        game_steps_per_episode = 0
+
+        @property
+        def name(self) -> str:
+            return self.filename or "SMACMap"
+
+    return SMACMap
+
+
+def smac_map(name: str):
+    """A pysc2 Map object for `<SC2PATH>/Maps/SMAC_Maps/<name>.SC2Map`."""
+    m = _smac_map_class()()
+    m.filename = name
+    return m
+
+
+def team_race(scenario: Scenario, agents: bool = True) -> str:
+    """The one race of the scenario's agents (or enemies): 'terran' | 'protoss' | 'zerg'."""
+    team = scenario.agents if agents else scenario.enemies
+    races = {u.race for u in team}
+    if len(races) != 1 or races <= {"other"}:
+        raise ValueError(f"scenario {scenario.name}: the {'agents' if agents else 'enemies'} must be of one "
+                         f"StarCraft II race to play the real game, got {sorted(races)}")
+    return races.pop()
+
+
+def make_sc2_env(scenario: Scenario, *, map_name: str | None = None, difficulty: str = "very_hard",
+                 step_mul: int = 8, raw_resolution: int | None = None, seed: int | None = None, **kwargs):
+    """A pysc2 SC2Env for the scenario: raw units and raw actions, our race against the built-in bot
+    (SMAC's difficulty "7" is very_hard) on the SMAC map of the same name. Starts StarCraft II.
+    `kwargs` go to SC2Env (visualize, replay_dir, disable_fog, ...)."""
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    from pysc2_evolved.env import sc2_env
+    from pysc2_evolved.lib import actions
+
+    res = raw_resolution or int(DEFAULT_RAW_CELLS_PER_UNIT * max(scenario.map_size))
+    players = [sc2_env.Agent(sc2_env.Race[team_race(scenario, True)]),
+               sc2_env.Bot(sc2_env.Race[team_race(scenario, False)], sc2_env.Difficulty[difficulty])]
+    aif = sc2_env.AgentInterfaceFormat(use_raw_units=True, use_raw_actions=True, raw_resolution=res,
+                                       action_space=actions.ActionSpace.RAW)
+    try:
+        return sc2_env.SC2Env(map_name=smac_map(map_name or scenario.name), players=players,
+                              agent_interface_format=aif, step_mul=step_mul, game_steps_per_episode=0,
+                              random_seed=seed, ensure_available_actions=False, **kwargs)
+    except OSError as e:  # the game or the map file is missing
+        raise RuntimeError(
+            f"cannot start StarCraft II for scenario {scenario.name}: {e}. Install the game (SC2PATH, default "
+            f"~/StarCraftII) and SMAC's maps in $SC2PATH/Maps/SMAC_Maps/ "
+            "(https://github.com/oxwhirl/smac#smac-maps)") from e
+
+
+def geometry_from_env(env, origin: tuple[float, float] = (0.0, 0.0)) -> RawGeometry:
+    """Read the raw frame from a pysc2 env: map size from `game_info`, raw grid from the action spec."""
+    try:
+        size = env.game_info[0].start_raw.map_size
+        world = env.action_spec()[0].types.world.sizes
+    except (AttributeError, IndexError, TypeError) as e:
+        raise ValueError(f"cannot read the map size / raw_resolution from the env ({e}); "
+                         "pass geometry=RawGeometry(...)") from None
+    return RawGeometry((float(size.x), float(size.y)), (int(world[0]), int(world[1])), origin)
+
+
+class SC2Battle:
+    """One real game with BattleSim's interface (n_envs = 1): `reset()` and `step(actions (1, A))` return
+    StepOutput with obs (1, A, O), state (1, S), avail (1, A, N), alive (1, A), and (1,) reward, done,
+    won, timeout, episode_return, episode_length, allies_left, enemies_left.
+
+    Reward is SMAC's (positive part): enemy health + shield lost, 10 per kill, 200 for the win, divided by
+    `scenario.max_reward / 20`. An episode ends when one army is gone (only healers left counts as gone),
+    at the episode limit (a loss), or when the game itself ends. With `auto_reset` a finished episode
+    restarts at once and the returned obs belong to the next one, as in BattleSim.
+
+    env: a pysc2 env (SC2Env, mock_sc2_env.SC2TestEnv, or a fake with reset()/step([calls]) returning a
+    sequence of TimeSteps); None starts the real game via `make_sc2_env(scenario, **env_kwargs)`.
+    geometry: the raw frame; None reads it from the env (`geometry_from_env`).
+    """
+
+    def __init__(self, scenario: Scenario, env=None, *, geometry: RawGeometry | None = None,
+                 unit_types: dict[int, str] | None = None, auto_reset: bool = True, check_actions: bool = True,
+                 first_frame_tries: int = 20, **env_kwargs):
+        self.scenario = scenario
+        self.env = env if env is not None else make_sc2_env(scenario, **env_kwargs)
+        self.conv = RawConverter(scenario, geometry or geometry_from_env(self.env), unit_types)
+        self.n_envs, self.n_agents, self.n_enemies = 1, scenario.n_agents, scenario.n_enemies
+        self.n_actions = scenario.n_actions
+        self.auto_reset, self.check_actions = auto_reset, check_actions
+        self.first_frame_tries = first_frame_tries
+        self.reward_scale = scenario.max_reward / 20.0
+        self.t, self.ep_return = 0, 0.0
+        self.timestep = None  # the last pysc2 TimeStep
+
+    def reset(self) -> StepOutput:
+        """Start a new game episode; wait (no-op steps) until every scenario unit has spawned."""
+        ts = self.env.reset()[0]
+        for tries in range(self.first_frame_tries + 1):
+            try:
+                self.conv.assign(ts)
+                break
+            except SlotError:
+                if tries == self.first_frame_tries:
+                    raise
+                ts = self.env.step([[]])[0]
+        self.timestep, self.t, self.ep_return = ts, 0, 0.0
+        return self.conv.observe(ts)
+
+    def step(self, actions) -> StepOutput:
+        A, sim = self.n_agents, self.conv.sim
+        acts = torch.as_tensor(actions)
+        if tuple(acts.shape) != (1, A):
+            raise ValueError(f"actions must have shape (1, n_agents) = (1, {A}), got {tuple(acts.shape)}")
+        acts = acts.long().cpu().numpy()[0]
+        calls = self.conv.to_raw_actions(acts, check=self.check_actions)
+        pre = (sim.hp + sim.sh)[0, A:].clone(), sim.alive[0].clone()
+        ts = self.env.step([calls])[0]
+        self.timestep = ts
+        out = self.conv.observe(ts, last_actions=acts)
+
+        alive = sim.alive[0]
+        dealt = (pre[0] - (sim.hp + sim.sh)[0, A:]).clamp(min=0).sum()
+        kills = (pre[1][A:] & ~alive[A:]).sum()
+        army = alive & ~sim.healer
+        won = bool(army[:A].any() and not army[A:].any())
+        lost = not bool(army[:A].any())
+        self.t += 1
+        timeout = not (won or lost) and (self.t >= self.scenario.episode_limit or ts.last())
+        done = won or lost or timeout
+        reward = float(dealt + 10.0 * kills + 200.0 * won) / self.reward_scale
+        self.ep_return += reward
+
+        def one(v, dtype):
+            return torch.tensor([v], dtype=dtype)
+
+        stats = dict(reward=one(reward, torch.float32), done=one(done, torch.bool), won=one(won, torch.bool),
+                     timeout=one(timeout, torch.bool), episode_return=one(self.ep_return, torch.float32),
+                     episode_length=one(self.t, torch.int64), allies_left=one(int(alive[:A].sum()), torch.int64),
+                     enemies_left=one(int(alive[A:].sum()), torch.int64))
+        if done and self.auto_reset:
+            out = self.reset()
+        return StepOutput(out.obs, out.state, out.avail, out.alive, **stats)
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
