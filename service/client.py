@@ -1,0 +1,352 @@
+"""Python client library for the Phalanx inference service: sync (`Client`) and asyncio (`AsyncClient`).
+
+    with Client("127.0.0.1:50051") as c:
+        r = c.act(obs, mask, unit_id=2, greedy=True)           # one unit  -> ActResponse
+        actions = c.act_batch(obs_matrix, masks, unit_ids)     # one frame -> FrameResult (numpy arrays)
+        with c.stream() as s:                                  # one long-lived ActStream
+            responses = s.act_many(requests)                   # answers in request order
+
+Unary calls (act, act_batch, model_info) retry UNAVAILABLE with exponential back-off and jitter, within
+the call's deadline (`timeout` seconds, per attempt). Streams are not retried: reopen one.
+TLS: `tls_ca` (PEM file of the CA that signed the server's certificate); auth: `token` (bearer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import grpc
+import numpy as np
+
+from service._gen.phalanx.v1 import inference_pb2 as pb
+from service._gen.phalanx.v1 import inference_pb2_grpc as pb_grpc
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+@dataclass
+class FrameResult:
+    """ActBatch's answer as numpy arrays, in the frame's row order."""
+    action: np.ndarray  # (n,) int32
+    log_prob: np.ndarray  # (n,) float32
+    probability: np.ndarray  # (n,) float32
+    value: np.ndarray  # (n,) float32
+    model_version: int
+    request_id: int
+
+
+class StreamError(Exception):
+    """One request on an ActStream failed; `.code` is its grpc.StatusCode."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
+
+
+# --- messages ---------------------------------------------------------------------------------------------
+
+def act_request(obs, mask, unit_id: int, *, greedy: bool = False, game_id: str = "", episode_id: int = 0,
+                spec_hash: str = "", prev_reward: float | None = None, prev_done: bool | None = None,
+                request_id: int = 0) -> pb.ActRequest:
+    """One unit's ActRequest; obs and mask are sequences or 1-D arrays."""
+    req = pb.ActRequest(game_id=game_id, episode_id=episode_id, unit_id=unit_id,
+                        observation=np.asarray(obs, dtype=np.float32).tolist() if isinstance(obs, np.ndarray) else obs,
+                        action_mask=np.asarray(mask, dtype=bool).tolist() if isinstance(mask, np.ndarray) else mask,
+                        spec_hash=spec_hash, greedy=greedy, request_id=request_id)
+    if prev_reward is not None:
+        req.prev_reward = prev_reward
+    if prev_done is not None:
+        req.prev_done = prev_done
+    return req
+
+
+def tensor(array: np.ndarray, dtype: int) -> pb.Tensor:
+    return pb.Tensor(dtype=dtype, shape=array.shape, data=array.tobytes())
+
+
+def batch_request(obs: np.ndarray, mask: np.ndarray, unit_ids: np.ndarray, *, greedy: bool = False,
+                  game_id: str = "", episode_id: int = 0, spec_hash: str = "",
+                  prev_rewards: np.ndarray | None = None, prev_dones: np.ndarray | None = None,
+                  request_id: int = 0) -> pb.ActBatchRequest:
+    """One frame: obs (n, obs_size), mask (n, n_actions) bool, unit_ids (n,) -> ActBatchRequest."""
+    req = pb.ActBatchRequest(
+        game_id=game_id, episode_id=episode_id, spec_hash=spec_hash, greedy=greedy, request_id=request_id,
+        observations=tensor(np.ascontiguousarray(obs, dtype="<f4"), pb.DATA_TYPE_FLOAT32),
+        action_masks=tensor(np.ascontiguousarray(mask, dtype=np.uint8), pb.DATA_TYPE_UINT8),
+        unit_ids=tensor(np.ascontiguousarray(unit_ids, dtype="<i4"), pb.DATA_TYPE_INT32))
+    if prev_rewards is not None:
+        req.prev_rewards.CopyFrom(tensor(np.ascontiguousarray(prev_rewards, dtype="<f4"), pb.DATA_TYPE_FLOAT32))
+    if prev_dones is not None:
+        req.prev_dones.CopyFrom(tensor(np.ascontiguousarray(prev_dones, dtype=np.uint8), pb.DATA_TYPE_UINT8))
+    return req
+
+
+def frame_result(resp: pb.ActBatchResponse) -> FrameResult:
+    return FrameResult(np.frombuffer(resp.actions.data, dtype="<i4"), np.frombuffer(resp.log_probs.data, dtype="<f4"),
+                       np.frombuffer(resp.probabilities.data, dtype="<f4"), np.frombuffer(resp.values.data, dtype="<f4"),
+                       resp.model_version, resp.request_id)
+
+
+# --- channels ---------------------------------------------------------------------------------------------
+
+def _credentials(tls_ca: str | Path | None, tls: bool):
+    if tls_ca is None and not tls:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes() if tls_ca else None)
+
+
+def _options(server_name: str | None) -> list:
+    options = [("grpc.max_receive_message_length", _MAX_MESSAGE), ("grpc.max_send_message_length", _MAX_MESSAGE)]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return options
+
+
+def _metadata(token: str | None):
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def read_token(path: str | Path | None) -> str | None:
+    return None if path is None else Path(path).read_text().strip()
+
+
+class _Backoff:
+    """Exponential back-off with full jitter: 0.05 s, 0.1 s, ... up to max_delay."""
+
+    def __init__(self, retries: int, base: float = 0.05, max_delay: float = 2.0):
+        self.retries, self.base, self.max_delay = retries, base, max_delay
+
+    def delays(self):
+        for attempt in range(self.retries):
+            yield random.uniform(0, min(self.max_delay, self.base * 2 ** attempt))
+
+
+class Client:
+    """Blocking client. `target` is "host:port"."""
+
+    def __init__(self, target: str, *, tls_ca: str | Path | None = None, tls: bool = False, token: str | None = None,
+                 server_name: str | None = None, timeout: float | None = 10.0, retries: int = 5):
+        creds = _credentials(tls_ca, tls)
+        options = _options(server_name)
+        self.channel = (grpc.secure_channel(target, creds, options) if creds is not None
+                        else grpc.insecure_channel(target, options))
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.metadata = _metadata(token)
+        self.timeout = timeout
+        self.backoff = _Backoff(retries)
+
+    def _call(self, method, request, timeout):
+        delays = self.backoff.delays()
+        while True:
+            try:
+                return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self.metadata)
+            except grpc.RpcError as e:
+                delay = next(delays, None) if e.code() in RETRYABLE else None
+                if delay is None:
+                    raise
+                time.sleep(delay)
+
+    def act(self, obs, mask, unit_id: int, *, timeout: float | None = None, **fields) -> pb.ActResponse:
+        """One unit's action. fields: greedy, game_id, episode_id, spec_hash, prev_reward, prev_done, request_id."""
+        return self._call(self.stub.Act, act_request(obs, mask, unit_id, **fields), timeout)
+
+    def act_request(self, request: pb.ActRequest, *, timeout: float | None = None) -> pb.ActResponse:
+        return self._call(self.stub.Act, request, timeout)
+
+    def act_batch(self, obs: np.ndarray, mask: np.ndarray, unit_ids: np.ndarray, *, timeout: float | None = None,
+                  **fields) -> FrameResult:
+        """All units of one frame in one call."""
+        return frame_result(self._call(self.stub.ActBatch, batch_request(obs, mask, unit_ids, **fields), timeout))
+
+    def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
+        return self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+
+    def stream(self, *, timeout: float | None = None) -> "ActStream":
+        """Open one long-lived ActStream (no deadline unless `timeout`)."""
+        return ActStream(self.stub, self.metadata, timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+_END = object()
+
+
+class ActStream:
+    """A blocking ActStream: `send(request)` then `recv()` answers in order; `act_many` does both."""
+
+    def __init__(self, stub: pb_grpc.InferenceStub, metadata, timeout: float | None):
+        self._outbox: queue.Queue = queue.Queue()
+        self._responses = stub.ActStream(iter(self._outbox.get, _END), timeout=timeout, metadata=metadata)
+        self._next_id = 0
+        self._lock = threading.Lock()
+
+    def send(self, request: pb.ActRequest) -> int:
+        """Queue one request; returns its request_id (assigned here when the request has none)."""
+        with self._lock:
+            if not request.request_id:
+                self._next_id += 1
+                request.request_id = self._next_id
+            self._outbox.put(request)
+            return request.request_id
+
+    def recv(self) -> pb.ActResponse:
+        """The next answer (in request order); an errored one raises StreamError."""
+        resp = next(self._responses, None)
+        if resp is None:
+            raise StreamError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream (draining?): reopen one")
+        if resp.HasField("error"):
+            raise StreamError(status_code(resp.error.code), resp.error.message)
+        return resp
+
+    def act_many(self, requests: Iterable[pb.ActRequest]) -> list[pb.ActResponse]:
+        """Send all, then read as many answers: pipelined on the one stream."""
+        n = 0
+        for req in requests:
+            self.send(req)
+            n += 1
+        return [self.recv() for _ in range(n)]
+
+    def close(self) -> None:
+        self._outbox.put(_END)
+        for _ in self._responses:  # drain until the server closes its side
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+        else:
+            self._responses.cancel()
+
+
+class AsyncClient:
+    """asyncio client (grpc.aio); same methods as Client, awaited. Use `async with AsyncClient(...)`."""
+
+    def __init__(self, target: str, *, tls_ca: str | Path | None = None, tls: bool = False, token: str | None = None,
+                 server_name: str | None = None, timeout: float | None = 10.0, retries: int = 5):
+        creds = _credentials(tls_ca, tls)
+        options = _options(server_name)
+        self.channel = (grpc.aio.secure_channel(target, creds, options) if creds is not None
+                        else grpc.aio.insecure_channel(target, options))
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.metadata = _metadata(token)
+        self.timeout = timeout
+        self.backoff = _Backoff(retries)
+
+    async def _call(self, method, request, timeout):
+        delays = self.backoff.delays()
+        while True:
+            try:
+                return await method(request, timeout=self.timeout if timeout is None else timeout,
+                                    metadata=self.metadata)
+            except grpc.aio.AioRpcError as e:
+                delay = next(delays, None) if e.code() in RETRYABLE else None
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+
+    async def act(self, obs, mask, unit_id: int, *, timeout: float | None = None, **fields) -> pb.ActResponse:
+        return await self._call(self.stub.Act, act_request(obs, mask, unit_id, **fields), timeout)
+
+    async def act_request(self, request: pb.ActRequest, *, timeout: float | None = None) -> pb.ActResponse:
+        return await self._call(self.stub.Act, request, timeout)
+
+    async def act_batch(self, obs: np.ndarray, mask: np.ndarray, unit_ids: np.ndarray, *,
+                        timeout: float | None = None, **fields) -> FrameResult:
+        return frame_result(await self._call(self.stub.ActBatch, batch_request(obs, mask, unit_ids, **fields),
+                                             timeout))
+
+    async def act_batch_request(self, request: pb.ActBatchRequest, *, timeout: float | None = None) -> FrameResult:
+        return frame_result(await self._call(self.stub.ActBatch, request, timeout))
+
+    async def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
+        return await self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+
+    def stream(self, *, timeout: float | None = None) -> "AsyncActStream":
+        return AsyncActStream(self.stub.ActStream(timeout=timeout, metadata=self.metadata))
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+
+class AsyncActStream:
+    """An asyncio ActStream: `await send(req)`, `await recv()`; answers come in request order."""
+
+    def __init__(self, call):
+        self.call = call
+        self._next_id = 0
+
+    async def send(self, request: pb.ActRequest) -> int:
+        if not request.request_id:
+            self._next_id += 1
+            request.request_id = self._next_id
+        await self.call.write(request)
+        return request.request_id
+
+    async def recv(self) -> pb.ActResponse:
+        resp = await self.call.read()
+        if resp is grpc.aio.EOF:
+            raise StreamError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream (draining?): reopen one")
+        if resp.HasField("error"):
+            raise StreamError(status_code(resp.error.code), resp.error.message)
+        return resp
+
+    async def act_many(self, requests: Sequence[pb.ActRequest]) -> list[pb.ActResponse]:
+        """Write the requests while reading as many answers (pipelined; answers in request order)."""
+        async def write_all():
+            for req in requests:
+                await self.send(req)
+
+        writer = asyncio.create_task(write_all())
+        try:
+            answers = [await self.recv() for _ in range(len(requests))]
+        finally:
+            if not writer.done():
+                writer.cancel()
+        await writer
+        return answers
+
+    async def close(self) -> None:
+        await self.call.done_writing()
+        while await self.call.read() is not grpc.aio.EOF:
+            pass
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        if exc[0] is None:
+            await self.close()
+        else:
+            self.call.cancel()

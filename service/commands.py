@@ -1,0 +1,129 @@
+"""The service's subcommands of `phalanx`: serve and play. Flags are parsed here, once, into named values."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model from the repository over gRPC (Act, ActStream, ActBatch)",
+                       description="Run the batching gRPC inference service for one model of the repository: "
+                                   "health checking, reflection, hot reload of new versions, Prometheus metrics, "
+                                   "optional TLS and bearer-token auth. Stops gracefully on SIGTERM/SIGINT.")
+    p.add_argument("--models", required=True, type=Path, help="model repository root (<models>/<name>/<version>/)")
+    p.add_argument("--name", required=True, help="model name in the repository")
+    p.add_argument("--version", type=int, help="serve exactly this version (default: the newest; follows new ones)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 = pick a free one)")
+    p.add_argument("--max-batch-size", type=int, default=256,
+                   help="most unit rows per forward pass (default 256; 1 turns batching off)")
+    p.add_argument("--max-queue-delay-ms", type=float, default=2.0,
+                   help="longest a request waits for its batch to fill; a lone caller never waits "
+                        "(default 2; 0: take what is waiting)")
+    p.add_argument("--max-queue", type=int, default=8192,
+                   help="most unit rows waiting; beyond it requests get RESOURCE_EXHAUSTED (default 8192)")
+    p.add_argument("--poll-seconds", type=float, default=5.0,
+                   help="how often to look for a new model version (default 5; 0 = never)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="interface of /metrics (default 127.0.0.1)")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key: TLS on)")
+    p.add_argument("--tls-key", type=Path, help="PEM private key")
+    p.add_argument("--auth-token-file", type=Path,
+                   help="file with a bearer token every call must carry (health checks stay open)")
+    p.add_argument("--grace-seconds", type=float, default=10.0,
+                   help="on SIGTERM/SIGINT, time for in-flight calls to finish (default 10)")
+    p.add_argument("--max-message-mb", type=float, default=16.0,
+                   help="largest request/response message in MiB (default 16)")
+    p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of the forward pass (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampled (non-greedy) actions (default 0)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("play", help="play simulator games with actions from a running service",
+                       description="Run N built-in-simulator games at once (BattleSim(scenario, N, seed)), asking "
+                                   "the service for every live unit's action each step; prints win rate, "
+                                   "throughput and latency as one JSON line.")
+    p.add_argument("--server", required=True, help="HOST:PORT of `phalanx serve`")
+    p.add_argument("--scenario", required=True, help="scenario name, e.g. 3m (see `phalanx scenarios`)")
+    p.add_argument("--games", type=int, default=8, help="games played at once; each game's first episode counts")
+    p.add_argument("--seed", type=int, default=0, help="game i plays with seed + i (default 0)")
+    p.add_argument("--rpc", choices=("unary", "stream", "batch"), default="stream",
+                   help="unary: one Act per unit; stream: one ActStream; batch: one ActBatch per game frame")
+    p.add_argument("--greedy", action="store_true", help="most probable actions (default: sampled)")
+    p.add_argument("--scenario-file", action="append", default=[], metavar="FILE",
+                   help="a TOML file of extra units and scenarios (repeatable)")
+    p.add_argument("--tls-ca", type=Path, help="PEM CA certificate to verify the server (turns TLS on)")
+    p.add_argument("--tls-server-name", help="expected name in the server's certificate (default: the host)")
+    p.add_argument("--auth-token-file", type=Path, help="file with the bearer token")
+    p.add_argument("--timeout", type=float, default=10.0, help="deadline per call in seconds (default 10)")
+    p.set_defaults(func=cmd_play)
+
+
+def cmd_serve(args) -> int:
+    from service.server import ServeConfig, serve
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServeConfig(
+        models=args.models, name=args.name, version=args.version, host=args.host, port=args.port,
+        max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms, max_queue=args.max_queue,
+        poll_seconds=args.poll_seconds, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
+        grace_seconds=args.grace_seconds, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+        torch_threads=args.torch_threads, seed=args.seed)
+
+    def listening(running) -> None:
+        model = running.holder.current
+        print(json.dumps({"event": "listening", "address": running.address, "port": running.port,
+                          "metrics_port": running.metrics_port, "model": config.name,
+                          "version": model.version if model else None}), flush=True)
+
+    try:
+        summary = asyncio.run(serve(config, on_listening=listening))
+    except (OSError, ValueError) as e:
+        print(f"phalanx serve: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def cmd_play(args) -> int:
+    from service.client import AsyncClient, read_token
+    from service.play import play_games
+    from trainer.sim import ScenarioError, load_scenario
+
+    if args.games < 1:
+        print(f"phalanx play: --games must be >= 1, got {args.games}", file=sys.stderr)
+        return 2
+    try:
+        scenario = load_scenario(args.scenario, files=args.scenario_file)
+    except ScenarioError as e:
+        print(f"phalanx play: {e}", file=sys.stderr)
+        return 2
+
+    async def run() -> dict:
+        async with AsyncClient(args.server, tls_ca=args.tls_ca, token=read_token(args.auth_token_file),
+                               server_name=args.tls_server_name, timeout=args.timeout) as client:
+            info = await client.model_info()
+            if info.spec_hash != scenario.spec_hash:
+                raise SystemExit(f"phalanx play: the server's model {info.name!r} v{info.version} was trained on "
+                                 f"spec {info.spec_name} (hash {info.spec_hash}); scenario {scenario.name} has hash "
+                                 f"{scenario.spec_hash}")
+            result = await play_games(client, scenario, games=args.games, seed=args.seed, rpc=args.rpc,
+                                      greedy=args.greedy)
+            return result.summary()
+
+    import grpc
+
+    try:
+        summary = asyncio.run(run())
+    except grpc.RpcError as e:
+        print(f"phalanx play: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary), flush=True)
+    return 0

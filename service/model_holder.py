@@ -1,0 +1,198 @@
+"""The model holder: which policy answers, and rolling it forward without stopping the service.
+
+It loads the newest complete version of one model from the repository (or a pinned `version`), and
+every `poll_seconds` looks for a newer one. A candidate is loaded, validated (not recurrent, sizes match
+its card, the same spec as the one being served, a test forward pass with sane outputs) and warmed
+up in a background thread, then swapped in by replacing one reference: the batcher reads `current` once
+per batch, so a swap always falls between batches. A corrupt or incompatible candidate is refused (and
+counted as a reload failure) while the old version keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import grpc
+import numpy as np
+import torch
+
+from service.batcher import Outputs
+from service.metrics import ServiceMetrics
+from service.validation import RequestError
+from trainer.policy import Policy
+from trainer.repository import ModelLoadError, ModelRepository
+
+log = logging.getLogger(__name__)
+
+
+class IncompatibleModelError(Exception):
+    """A model that loads but cannot be served in place of the current one."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One loaded, validated version and the spec that requests are checked against."""
+    name: str
+    version: int
+    policy: Policy
+    card: dict
+    spec_name: str
+    spec_hash: str
+    obs_size: int
+    n_actions: int
+    n_agents: int
+
+
+class ModelHolder:
+    """Holds the served model. `current` is None until a version has loaded (requests get UNAVAILABLE)."""
+
+    def __init__(self, repository: ModelRepository, name: str, *, version: int | None = None,
+                 poll_seconds: float = 5.0, warmup_batch_sizes: tuple[int, ...] = (1, 64), seed: int = 0,
+                 metrics: ServiceMetrics):
+        if poll_seconds < 0:
+            raise ValueError(f"poll_seconds must be >= 0 (0 = never poll), got {poll_seconds}")
+        self.repository = repository
+        self.name = name
+        self.pinned = version
+        self.poll_seconds = poll_seconds
+        self.warmup_batch_sizes = warmup_batch_sizes
+        self.metrics = metrics
+        self.current: ServedModel | None = None
+        self.reloads = 0  # versions swapped in after the first
+        self.refused: dict[int, str] = {}  # version -> why it was refused (never retried: versions are immutable)
+        self._generator = torch.Generator().manual_seed(seed)  # sampling; used only in the forward thread
+        self._lock = threading.Lock()  # one load at a time
+
+    # --- the request path -------------------------------------------------------------------------------
+    def require(self) -> ServedModel:
+        model = self.current
+        if model is None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"no model loaded yet: waiting for a complete version of {self.name!r} in "
+                               f"{self.repository.root}")
+        return model
+
+    def forward(self, obs: np.ndarray, mask: np.ndarray, unit: np.ndarray, greedy: np.ndarray) -> Outputs:
+        """One batched forward pass on the current model (called by the batcher's worker thread)."""
+        model = self.require()
+        with torch.inference_mode():
+            out = model.policy.act(torch.from_numpy(obs), torch.from_numpy(mask), torch.from_numpy(unit),
+                                   torch.from_numpy(greedy), generator=self._generator)
+        log_prob = out.log_prob.numpy()
+        return Outputs(model.version, out.action.numpy(), log_prob, np.exp(log_prob), out.value.numpy())
+
+    # --- loading ----------------------------------------------------------------------------------------
+    def load_initial(self) -> bool:
+        """Load the pinned version, or the newest one that passes validation. Blocking; False if none."""
+        with self._lock:
+            if self.pinned is not None:
+                candidates = [self.pinned] if self.pinned in self.repository.versions(self.name) else []
+            else:
+                candidates = sorted(self.repository.versions(self.name), reverse=True)
+            for version in candidates:
+                if version in self.refused:
+                    continue
+                if self._try(version):
+                    return True
+            return False
+
+    def check_for_update(self) -> bool:
+        """Swap in a newer version if there is one and it passes validation. Blocking; True if swapped."""
+        if self.current is None:
+            return self.load_initial()
+        if self.pinned is not None:
+            return False
+        with self._lock:
+            newest = self.repository.latest(self.name)
+            if newest is None or newest <= self.current.version or newest in self.refused:
+                return False
+            return self._try(newest)
+
+    def _try(self, version: int) -> bool:
+        try:
+            model = self._prepare(version)
+        except (ModelLoadError, IncompatibleModelError, ValueError, RuntimeError) as e:
+            self.refused[version] = str(e)
+            self.metrics.reload_failures.inc()
+            where = (f"still serving version {self.current.version}" if self.current is not None
+                     else "no model served yet")
+            log.error("model %s version %d refused (%s): %s", self.name, version, where, e)
+            return False
+        previous = self.current
+        self.current = model  # the swap: the batcher picks it up at its next batch
+        self.metrics.model_version.set(model.version)
+        if previous is not None:
+            self.reloads += 1
+            self.metrics.reloads.inc()
+            log.info("model %s: now serving version %d (was %d)", self.name, model.version, previous.version)
+        else:
+            log.info("model %s: serving version %d (spec %s, hash %s)", self.name, model.version,
+                     model.spec_name, model.spec_hash)
+        return True
+
+    def _prepare(self, version: int) -> ServedModel:
+        """Load, validate and warm one version off the request path."""
+        loaded = self.repository.load(self.name, version)
+        policy, card = loaded.policy, loaded.card
+        spec = card["spec"]
+        model = ServedModel(self.name, loaded.version, policy, card, str(spec["name"]), str(spec["hash"]),
+                            int(spec["obs_size"]), int(spec["n_actions"]), int(spec["n_agents"]))
+        if policy.recurrent:
+            raise IncompatibleModelError(f"version {version} is recurrent (GRU core); the stateless service "
+                                         "serves feed-forward policies only")
+        sizes = (policy.obs_size, policy.n_actions, policy.n_agents)
+        if sizes != (model.obs_size, model.n_actions, model.n_agents):
+            raise IncompatibleModelError(f"version {version}: network sizes (obs, actions, agents) {sizes} differ "
+                                         f"from its card's spec {(model.obs_size, model.n_actions, model.n_agents)}")
+        old = self.current
+        if old is not None:
+            mine = (model.spec_hash, model.obs_size, model.n_actions, model.n_agents)
+            theirs = (old.spec_hash, old.obs_size, old.n_actions, old.n_agents)
+            if mine != theirs:
+                raise IncompatibleModelError(
+                    f"version {version} was trained on spec {model.spec_name} (hash {model.spec_hash}, obs "
+                    f"{model.obs_size}, actions {model.n_actions}, agents {model.n_agents}) but version "
+                    f"{old.version} serves spec {old.spec_name} (hash {old.spec_hash}, obs {old.obs_size}, "
+                    f"actions {old.n_actions}, agents {old.n_agents}); restart the service to change spec")
+        self._test_forward(model)
+        return model
+
+    def _test_forward(self, model: ServedModel) -> None:
+        """A forward pass on every agent slot (and the warm-up sizes) must give legal, finite answers."""
+        gen = torch.Generator().manual_seed(0)
+        for rows in (model.n_agents,) + tuple(self.warmup_batch_sizes):
+            obs = torch.randn(rows, model.obs_size, generator=gen)
+            mask = torch.rand(rows, model.n_actions, generator=gen) < 0.5
+            mask[:, 1] = True
+            unit = torch.arange(rows) % model.n_agents
+            greedy = torch.arange(rows) % 2 == 0
+            out = model.policy.act(obs, mask, unit, greedy, generator=gen)
+            if out.action.shape != (rows,) or out.log_prob.shape != (rows,) or out.value.shape != (rows,):
+                raise IncompatibleModelError(f"version {model.version}: test forward on {rows} rows returned shapes "
+                                             f"{tuple(out.action.shape)}, {tuple(out.log_prob.shape)}, "
+                                             f"{tuple(out.value.shape)}; expected ({rows},) each")
+            if not bool(mask.gather(1, out.action[:, None]).all()):
+                raise IncompatibleModelError(f"version {model.version}: test forward chose a masked action")
+            if not bool(torch.isfinite(out.log_prob).all() & torch.isfinite(out.value).all()):
+                raise IncompatibleModelError(f"version {model.version}: test forward gave non-finite "
+                                             "log-probabilities or values")
+
+    async def poll(self, on_change: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Forever: every poll_seconds, look for a new version in a background thread; after a swap,
+        await `on_change()`."""
+        if self.poll_seconds <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            try:
+                changed = await loop.run_in_executor(None, self.check_for_update)
+            except Exception:  # noqa: BLE001 - a broken repository must not stop the service
+                log.exception("looking for a new version of %s failed", self.name)
+                continue
+            if changed and on_change is not None:
+                await on_change()

@@ -1,0 +1,356 @@
+"""The gRPC inference server: the servicer, its wiring, and `serve()`.
+
+One request's path: `Act` below validates it against the served model's spec (service/validation.py),
+hands its rows to the dynamic batcher (service/batcher.py), which runs one forward pass for many requests
+through the model holder (service/model_holder.py) in a worker thread, and the caller's future comes back
+with its slice of the outputs. Metrics (service/metrics.py) are counted on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from service._gen.phalanx.v1 import inference_pb2 as pb
+from service._gen.phalanx.v1 import inference_pb2_grpc as pb_grpc
+from service.batcher import Batcher, Outputs
+from service.metrics import ServiceMetrics, start_metrics_server
+from service.model_holder import ModelHolder
+from service.validation import RequestError, frame_rows, unit_rows
+from trainer.repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "phalanx.v1.Inference"
+OK = grpc.StatusCode.OK
+
+
+@dataclass
+class ServeConfig:
+    """Everything `phalanx serve` can be told; parsed once at the edge (service/commands.py)."""
+    models: Path
+    """Model repository root: <models>/<name>/<version>/."""
+    name: str
+    """Model name in the repository."""
+    version: int | None = None
+    """Serve exactly this version (no rolling forward); None = the newest complete version."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 / [::] for every interface)."""
+    port: int = 50051
+    """gRPC port; 0 = an ephemeral port (the bound one is logged and returned)."""
+    max_batch_size: int = 256
+    """Most unit rows per forward pass (1 = batching off)."""
+    max_queue_delay_ms: float = 2.0
+    """Longest a request waits for its batch to fill (a lone caller never waits); 0 = take what is waiting."""
+    max_queue: int = 8192
+    """Most unit rows waiting; beyond it requests get RESOURCE_EXHAUSTED at once."""
+    poll_seconds: float = 5.0
+    """How often to look for a new model version (0 = never)."""
+    metrics_port: int | None = None
+    """Serve Prometheus /metrics on this port (None = off)."""
+    metrics_host: str = "127.0.0.1"
+    """Interface of the /metrics endpoint."""
+    tls_cert: Path | None = None
+    """PEM certificate chain; with tls_key turns TLS on."""
+    tls_key: Path | None = None
+    """PEM private key."""
+    auth_token_file: Path | None = None
+    """File holding a bearer token that every call (but health checks) must present."""
+    grace_seconds: float = 10.0
+    """On SIGTERM/SIGINT: how long in-flight calls may take to finish."""
+    max_message_bytes: int = 16 * 1024 * 1024
+    """Largest request or response message (ActBatch frames are the big ones)."""
+    stream_window: int = 1024
+    """Most requests of one ActStream in flight at once (reading pauses beyond it)."""
+    torch_threads: int = 1
+    """Intra-op threads of the forward pass (1 suits small policies: no thread hand-offs)."""
+    seed: int = 0
+    """Seed of the sampling generator (sampled, non-greedy actions)."""
+
+
+def _deadline(context) -> float | None:
+    """The call's deadline on the time.perf_counter() clock, or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.perf_counter() + remaining
+
+
+def _tensor(array, dtype: int) -> pb.Tensor:
+    return pb.Tensor(dtype=dtype, shape=array.shape, data=array.tobytes())
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    """The four RPCs of phalanx.v1.Inference."""
+
+    def __init__(self, holder: ModelHolder, batcher: Batcher, metrics: ServiceMetrics, *, stream_window: int = 1024):
+        self.holder = holder
+        self.batcher = batcher
+        self.metrics = metrics
+        self.stream_window = stream_window
+        self.draining = False
+        self._stream_readers: set[asyncio.Task] = set()
+
+    def end_streams(self) -> None:
+        """Draining: every open ActStream stops reading, answers what it has read, and ends with OK."""
+        self.draining = True
+        for reader in self._stream_readers:
+            reader.cancel()
+
+    async def Act(self, request: pb.ActRequest, context) -> pb.ActResponse:
+        start = time.perf_counter()
+        try:
+            rows = unit_rows(request, self.holder.require())
+            out = await self.batcher.submit(rows, _deadline(context))
+        except RequestError as e:
+            self.metrics.answered("Act", e.code, time.perf_counter() - start)
+            await context.abort(e.code, e.message)
+        self.metrics.answered("Act", OK, time.perf_counter() - start, 1)
+        return _unit_response(out, request.request_id)
+
+    async def ActStream(self, request_iterator, context):
+        """Reads requests as they come and answers them in order; many can be in flight at once."""
+        pending: asyncio.Queue = asyncio.Queue(self.stream_window)  # (request_id, start, future | RequestError)
+        deadline = _deadline(context)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    start = time.perf_counter()
+                    try:
+                        item = self.batcher.enqueue(unit_rows(request, self.holder.require()), deadline)
+                    except RequestError as e:
+                        item = e
+                    await pending.put((request.request_id, start, item))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        self._stream_readers.add(reader)
+        if self.draining:
+            reader.cancel()
+        try:
+            while (entry := await pending.get()) is not None:
+                request_id, start, item = entry
+                try:
+                    if isinstance(item, RequestError):
+                        raise item
+                    out = await item
+                except RequestError as e:
+                    self.metrics.answered("ActStream", e.code, time.perf_counter() - start)
+                    yield pb.ActResponse(request_id=request_id, error=pb.Error(code=e.code.value[0], message=e.message))
+                    continue
+                self.metrics.answered("ActStream", OK, time.perf_counter() - start, 1)
+                yield _unit_response(out, request_id)
+            if not reader.cancelled():
+                await reader  # surfaces an error of the request stream itself
+        finally:
+            self._stream_readers.discard(reader)
+            reader.cancel()
+            while not pending.empty():  # the caller went away: nobody waits for these answers
+                entry = pending.get_nowait()
+                if entry is not None and isinstance(entry[2], asyncio.Future):
+                    entry[2].cancel()
+
+    async def ActBatch(self, request: pb.ActBatchRequest, context) -> pb.ActBatchResponse:
+        start = time.perf_counter()
+        try:
+            rows = frame_rows(request, self.holder.require())
+            out = await self.batcher.submit(rows, _deadline(context))
+        except RequestError as e:
+            self.metrics.answered("ActBatch", e.code, time.perf_counter() - start)
+            await context.abort(e.code, e.message)
+        response = pb.ActBatchResponse(
+            actions=_tensor(out.action.astype("<i4"), pb.DATA_TYPE_INT32),
+            log_probs=_tensor(out.log_prob.astype("<f4", copy=False), pb.DATA_TYPE_FLOAT32),
+            probabilities=_tensor(out.prob.astype("<f4", copy=False), pb.DATA_TYPE_FLOAT32),
+            values=_tensor(out.value.astype("<f4", copy=False), pb.DATA_TYPE_FLOAT32),
+            model_version=out.version, request_id=request.request_id)
+        self.metrics.answered("ActBatch", OK, time.perf_counter() - start, len(out.action))
+        return response
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
+        start = time.perf_counter()
+        try:
+            model = self.holder.require()
+        except RequestError as e:
+            self.metrics.answered("GetModelInfo", e.code, time.perf_counter() - start)
+            await context.abort(e.code, e.message)
+        card = model.card
+        self.metrics.answered("GetModelInfo", OK, time.perf_counter() - start)
+        return pb.ModelInfo(name=model.name, version=model.version, spec_name=model.spec_name,
+                            spec_hash=model.spec_hash, obs_size=model.obs_size, n_actions=model.n_actions,
+                            n_agents=model.n_agents, sharing=str(card.get("sharing", "")),
+                            scenario=str(card.get("scenario", "")), step=int(card.get("step") or 0),
+                            created=str(card.get("created", "")))
+
+
+def _unit_response(out: Outputs, request_id: int) -> pb.ActResponse:
+    return pb.ActResponse(action=int(out.action[0]), log_prob=float(out.log_prob[0]), probability=float(out.prob[0]),
+                          value=float(out.value[0]), model_version=out.version, request_id=request_id)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Calls must carry `authorization: Bearer <token>`; health checks stay open for probes."""
+
+    OPEN = ("/grpc.health.v1.Health/",)
+
+    def __init__(self, token: str, metrics: ServiceMetrics | None = None):
+        if not token:
+            raise ValueError("auth token must not be empty")
+        self._expected = f"Bearer {token}".encode()
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(self.OPEN):
+            return handler
+        given = next((v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"), "")
+        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
+            return handler
+        if self.metrics is not None and method.startswith(f"/{SERVICE_NAME}/"):
+            self.metrics.requests.labels(method.rsplit("/", 1)[1], grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        message = ("authorization: expected metadata 'authorization: Bearer <token>' with the server's token, "
+                   + ("got a different token" if given else "got none"))
+
+        async def deny(request_or_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class RunningServer:
+    """A started service: the gRPC server and its parts. Build with `await start_server(config)`."""
+
+    def __init__(self, config: ServeConfig, registry: CollectorRegistry | None):
+        self.config = config
+        self.metrics = ServiceMetrics(registry)
+        self.holder = ModelHolder(ModelRepository(config.models), config.name, version=config.version,
+                                  poll_seconds=config.poll_seconds,
+                                  warmup_batch_sizes=(1, min(64, config.max_batch_size), config.max_batch_size),
+                                  seed=config.seed, metrics=self.metrics)
+        self.batcher = Batcher(self.holder.forward, max_batch_size=config.max_batch_size,
+                               max_queue_delay=config.max_queue_delay_ms / 1000.0, max_queue=config.max_queue,
+                               metrics=self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.port: int = 0
+        self.draining = False
+        self._poller: asyncio.Task | None = None
+        self._metrics_server = None
+        options = [("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.max_send_message_length", config.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        interceptors = []
+        if config.auth_token_file is not None:
+            token = Path(config.auth_token_file).read_text().strip()
+            interceptors.append(BearerTokenInterceptor(token, self.metrics))
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        self.servicer = InferenceServicer(self.holder, self.batcher, self.metrics, stream_window=config.stream_window)
+        pb_grpc.add_InferenceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound /metrics port (useful with metrics_port=0), or None."""
+        return None if self._metrics_server is None else self._metrics_server[0].server_port
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def _start(self) -> None:
+        c = self.config
+        torch.set_num_threads(c.torch_threads)
+        await self._update_health()
+        address = f"{c.host}:{c.port}"
+        if c.tls_cert is not None or c.tls_key is not None:
+            if c.tls_cert is None or c.tls_key is None:
+                raise ValueError("TLS needs both --tls-cert and --tls-key")
+            creds = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not listen on {address}")
+        if c.metrics_port is not None:
+            self._metrics_server = start_metrics_server(c.metrics_port, c.metrics_host, self.metrics.registry)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.holder.load_initial)  # blocking file reads off the loop
+        self.batcher.start()
+        await self.server.start()
+        await self._update_health()
+        self._poller = asyncio.create_task(self.holder.poll(self._update_health))
+        model = self.holder.current
+        log.info("listening on %s (%s, auth %s); %s", self.address, "TLS" if c.tls_cert else "plaintext",
+                 "on" if c.auth_token_file else "off",
+                 f"serving {c.name} version {model.version}" if model else
+                 f"no version of {c.name!r} in {c.models} yet: UNAVAILABLE until one appears")
+
+    async def _update_health(self) -> None:
+        serving = self.holder.current is not None and not self.draining
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING, refuse new calls, let in-flight ones finish within `grace` seconds."""
+        if self.draining:
+            return
+        grace = self.config.grace_seconds if grace is None else grace
+        self.draining = True
+        await self.health.enter_graceful_shutdown()
+        self.batcher.flush_now()
+        self.servicer.end_streams()
+        if self._poller is not None:
+            self._poller.cancel()
+        await self.server.stop(grace)
+        await self.batcher.close()
+        if self._metrics_server is not None:
+            server, thread = self._metrics_server
+            server.shutdown()
+            server.server_close()
+            self._metrics_server = None
+
+
+async def start_server(config: ServeConfig, registry: CollectorRegistry | None = None) -> RunningServer:
+    """Build, bind and start the service; returns once it listens (and the initial model, if any, is warm)."""
+    running = RunningServer(config, registry)
+    await running._start()
+    return running
+
+
+async def serve(config: ServeConfig, on_listening: Callable[[RunningServer], None] | None = None) -> dict:
+    """Run the service until SIGTERM or SIGINT, then shut down gracefully; returns a summary."""
+    running = await start_server(config)
+    if on_listening is not None:
+        on_listening(running)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: refusing new calls, finishing those in flight (grace %.1f s)", config.grace_seconds)
+    await running.stop()
+    log.info("stopped")
+    model = running.holder.current
+    return {"event": "stopped", "address": running.address, "model": config.name,
+            "version": model.version if model else None, "reloads": running.holder.reloads,
+            "refused_versions": sorted(running.holder.refused)}

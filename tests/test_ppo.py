@@ -1,0 +1,138 @@
+"""The PPO learner: GAE, the clipped loss, learning beats random play, every sharing mode and critic runs."""
+
+import pytest
+import torch
+
+from trainer.policy import Policy
+from trainer.ppo import TrainConfig, TrainError, evaluate, gae, ppo_loss, train
+from trainer.repository import ModelRepository
+from trainer.sim import load_scenario
+
+
+def tiny_cfg(tmp_path, **kw):
+    base = dict(models=str(tmp_path / "models"), name="m", scenario="3m", envs=32, rollout=8, hidden=16,
+                epochs=2, minibatches=2, steps=32 * 8 * 3, eval_every=32 * 8 * 3, eval_episodes=16, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_gae_matches_the_definition():
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[1.0], [0.0], [2.0], [1.0]])
+    values = torch.tensor([[0.5], [0.2], [0.1], [0.3]])
+    dones = torch.tensor([[False], [True], [False], [False]])
+    next_value = torch.tensor([0.7])
+    adv = gae(rewards, values, next_value, dones, gamma, lam)
+    # by hand: deltas, then the lambda-discounted sums that stop at a terminal step
+    d3 = 1.0 + gamma * 0.7 - 0.3
+    d2 = 2.0 + gamma * 0.3 - 0.1
+    d1 = 0.0 - 0.2  # terminal: no bootstrap
+    d0 = 1.0 + gamma * 0.2 - 0.5
+    expected = [d0 + gamma * lam * d1, d1, d2 + gamma * lam * d3, d3]
+    assert torch.allclose(adv[:, 0], torch.tensor(expected), atol=1e-6)
+
+
+def test_clipped_objective_stops_the_gradient_outside_the_trust_region():
+    sc = load_scenario("3m")
+    torch.manual_seed(0)
+    policy = Policy.for_scenario(sc, hidden=8, critic="local")
+    obs = torch.randn(4, sc.obs_size)
+    mask = torch.ones(4, sc.n_actions, dtype=torch.bool)
+    unit = torch.zeros(4, dtype=torch.int64)
+    actions = torch.tensor([1, 2, 3, 4])
+    with torch.no_grad():
+        logp = torch.log_softmax(policy.actor_step(obs, mask, unit)[0], 1).gather(1, actions[:, None]).squeeze(1)
+    mb = dict(obs=obs, mask=mask, unit=unit, actions=actions, advantages=torch.ones(4),
+              returns=torch.zeros(4), old_values=torch.zeros(4), active=torch.ones(4, dtype=torch.bool))
+
+    def actor_grad(old_log_prob):
+        policy.zero_grad()
+        loss, stats = ppo_loss(policy, {**mb, "old_log_prob": old_log_prob}, clip_coef=0.2, vf_coef=0.0,
+                               ent_coef=0.0, clip_vloss=True)
+        loss.backward()
+        return policy.actor_head.weight.grad.abs().sum(), stats
+
+    inside, stats = actor_grad(logp)
+    assert inside > 0 and float(stats["clipfrac"]) == 0.0
+    outside, stats = actor_grad(logp - 1.0)  # ratio e > 1.2 with a positive advantage: clipped, no gradient
+    assert outside == 0 and float(stats["clipfrac"]) == 1.0
+
+
+def test_dead_units_do_not_contribute():
+    sc = load_scenario("3m")
+    torch.manual_seed(0)
+    policy = Policy.for_scenario(sc, hidden=8, critic="local")
+    gen = torch.Generator().manual_seed(0)
+    mb = dict(obs=torch.randn(6, sc.obs_size, generator=gen), mask=torch.ones(6, sc.n_actions, dtype=torch.bool),
+              unit=torch.arange(6) % 3, actions=torch.arange(6), old_log_prob=-torch.rand(6, generator=gen) - 1,
+              advantages=torch.randn(6, generator=gen), returns=torch.randn(6, generator=gen),
+              old_values=torch.randn(6, generator=gen), active=torch.tensor([True, True, True, False, False, False]))
+    loss_all, _ = ppo_loss(policy, mb, clip_coef=0.2, vf_coef=0.5, ent_coef=0.01, clip_vloss=True)
+    live = {k: v[:3] for k, v in mb.items()}
+    loss_live, _ = ppo_loss(policy, live, clip_coef=0.2, vf_coef=0.5, ent_coef=0.01, clip_vloss=True)
+    assert torch.allclose(loss_all, loss_live)
+    mb["advantages"][3:] = 1e6  # whatever a dead unit's row holds changes nothing
+    assert torch.allclose(ppo_loss(policy, mb, clip_coef=0.2, vf_coef=0.5, ent_coef=0.01, clip_vloss=True)[0], loss_live)
+
+
+def test_training_beats_random_play(tmp_path):
+    """A short run on 3m must clearly beat the random policy it starts near (greedy, same games)."""
+    sc = load_scenario("3m")
+    cfg = tiny_cfg(tmp_path, envs=128, hidden=32, steps=128 * 8 * 30, eval_every=10 ** 9, eval_episodes=64)
+    result = train(cfg)
+    random_play = evaluate(None, sc, 64, 0, baseline="random")
+    trained = evaluate(result.policy, sc, 64, 0)
+    assert trained["mean_return"] > random_play["mean_return"] + 3.0
+    assert trained["win_rate"] == result.summary["final_eval_win_rate"]  # the run's own eval: same games
+
+
+@pytest.mark.parametrize("scenario,sharing,critic,recurrent", [
+    ("2s3z", "shared", "central", False),
+    ("2s3z", "per-type", "local", False),
+    ("3m", "independent", "central", False),
+    ("3m", "shared", "local", True),
+    ("2s3z", "per-type", "central", True),
+])
+def test_every_sharing_mode_and_critic_trains_and_saves(tmp_path, scenario, sharing, critic, recurrent):
+    cfg = tiny_cfg(tmp_path, scenario=scenario, sharing=sharing, critic=critic, recurrent=recurrent, envs=16,
+                   agent_id=True, unit_type=True)
+    torch.manual_seed(cfg.seed)  # the same init that train() starts from
+    before = Policy.for_scenario(load_scenario(scenario), sharing=sharing, critic=critic, hidden=16, agent_id=True,
+                                 unit_type=True, recurrent=recurrent)
+    result = train(cfg)
+    s = result.summary
+    assert s["steps"] == cfg.steps and s["version"] == 1 and 0.0 <= s["final_eval_win_rate"] <= 1.0
+    loaded = ModelRepository(cfg.models).load("m")
+    assert loaded.card["sharing"] == sharing and loaded.card["critic"] == critic
+    assert loaded.card["step"] == cfg.steps and loaded.card["eval_win_rate"] == s["final_eval_win_rate"]
+    assert loaded.policy.recurrent == recurrent
+    # parameters moved from the very init the run started from, and the value normaliser saw the returns
+    assert torch.equal(Policy.from_config(loaded.card["architecture"]).slot_group, before.slot_group)
+    for name in ("actor_in.weight", "actor_head.weight", "critic_head.weight"):
+        assert not torch.equal(loaded.policy.state_dict()[name], before.state_dict()[name]), name
+    assert float(loaded.policy.value_norm.debias) > 0
+
+
+def test_target_win_rate_stops_early_and_resume_continues(tmp_path):
+    cfg = tiny_cfg(tmp_path, steps=32 * 8 * 40, eval_every=32 * 8 * 2, target_win_rate=0.01)
+    run = train(cfg)  # a low target that a few updates reach: the run must stop at that evaluation
+    first = run.summary
+    assert first["reached_target"] and first["steps"] < cfg.steps and first["steps"] % (32 * 8 * 2) == 0
+    assert first["version"] == len(run.history) == first["steps"] // (32 * 8 * 2)
+    assert first["final_eval_win_rate"] >= 0.01 and all(r["win_rate"] < 0.01 for r in run.history[:-1])
+    resumed = train(tiny_cfg(tmp_path, steps=32 * 8 * 2, eval_every=10 ** 9, resume="latest")).summary
+    assert resumed["steps"] == first["steps"] + 32 * 8 * 2 and resumed["version"] == first["version"] + 1
+    card = ModelRepository(cfg.models).load("m").card
+    assert card["resumed_from"] == first["version"] and card["step"] == resumed["steps"]
+    with pytest.raises(TrainError, match="trained on spec"):
+        train(tiny_cfg(tmp_path, scenario="8m", resume="1"))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("envs", 0, "--envs must be >= 1"), ("sharing", "all", "--sharing must be one of"),
+    ("target_win_rate", 1.5, "--target-win-rate"), ("resume", "newest", "--resume must be"),
+    ("name", "../x", "--name"), ("device", "tpu", "--device"),
+])
+def test_bad_config_names_the_flag(tmp_path, field, value, message):
+    with pytest.raises(TrainError, match=message):
+        tiny_cfg(tmp_path, **{field: value})

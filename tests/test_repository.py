@@ -1,0 +1,140 @@
+"""The model repository: atomic versions, round trips, and a clear ModelLoadError for every kind of bad file."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from trainer.policy import Policy
+from trainer.repository import ModelLoadError, ModelRepository
+from trainer.sim import load_scenario
+
+
+@pytest.fixture
+def sc():
+    return load_scenario("3m")
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return ModelRepository(tmp_path / "models")
+
+
+def make(sc, **kw):
+    torch.manual_seed(0)
+    return Policy.for_scenario(sc, hidden=16, **kw)
+
+
+def test_save_load_round_trip(repo, sc):
+    policy = make(sc, sharing="independent", critic="local", agent_id=True)
+    policy.value_norm.update(torch.tensor([3.0, 5.0]))
+    assert repo.versions("m") == [] and repo.latest("m") is None
+    v1 = repo.save("m", policy, scenario=sc, step=100, eval_win_rate=0.5, extra={"note": "hi"})
+    v2 = repo.save("m", policy, scenario=sc, step=200, eval_win_rate=None)
+    assert (v1, v2) == (1, 2) and repo.versions("m") == [1, 2] and repo.latest("m") == 2
+    loaded = repo.load("m", 1)
+    assert loaded.version == 1 and loaded.path == repo.root / "m" / "1"
+    card = loaded.card
+    assert card["spec"] == {"name": "3m", "hash": sc.spec_hash, "obs_size": sc.obs_size,
+                            "state_size": sc.state_size, "n_actions": sc.n_actions, "n_agents": sc.n_agents}
+    assert (card["format"], card["name"], card["version"], card["step"], card["eval_win_rate"]) == (1, "m", 1, 100, 0.5)
+    assert (card["sharing"], card["critic"], card["scenario"], card["note"]) == ("independent", "local", "3m", "hi")
+    assert card["created"].endswith("+00:00")
+    assert card["architecture"] == policy.config
+    for k, v in policy.state_dict().items():
+        assert torch.equal(loaded.policy.state_dict()[k], v), k
+    assert repo.load("m").version == 2
+    # the same actions come out of the loaded copy
+    obs = torch.randn(6, sc.obs_size)
+    mask = torch.ones(6, sc.n_actions, dtype=torch.bool)
+    unit, greedy = torch.arange(6) % 3, torch.ones(6, dtype=torch.bool)
+    a, b = policy.act(obs, mask, unit, greedy), loaded.policy.act(obs, mask, unit, greedy)
+    assert torch.equal(a.action, b.action) and torch.allclose(a.value, b.value)
+
+
+def test_versions_ignore_temp_dirs_and_junk(repo, sc):
+    repo.save("m", make(sc), scenario=sc, step=1, eval_win_rate=None)
+    base = repo.root / "m"
+    (base / ".tmp-abc").mkdir()
+    (base / ".tmp-abc" / "card.json").write_text("{}")
+    (base / "notes").mkdir()
+    (base / "7").mkdir()  # incomplete: no files
+    (base / "05").mkdir()
+    assert repo.versions("m") == [1]
+    assert repo.save("m", make(sc), scenario=sc, step=2, eval_win_rate=None) == 8  # never reuses a taken number
+    assert not any(p.name.startswith(".tmp-") and p.name != ".tmp-abc" for p in base.iterdir())
+
+
+def test_bad_names_and_versions(repo, sc):
+    with pytest.raises(ValueError, match="model name"):
+        repo.save("../evil", make(sc), scenario=sc, step=0, eval_win_rate=None)
+    with pytest.raises(ModelLoadError, match="no complete version"):
+        repo.load("nothing")
+    repo.save("m", make(sc), scenario=sc, step=0, eval_win_rate=None)
+    with pytest.raises(ModelLoadError, match="no version 9"):
+        repo.load("m", 9)
+    with pytest.raises(ValueError, match="do not fit scenario"):
+        repo.save("m", make(sc), scenario=load_scenario("8m"), step=0, eval_win_rate=None)
+
+
+def _corrupt(path, how, policy):
+    weights, card_path = path / "weights.safetensors", path / "card.json"
+    card = json.loads(card_path.read_text())
+    tensors = {k: v.clone() for k, v in policy.state_dict().items()}
+    if how == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        weights.write_bytes(b"\x00" * 64)
+    elif how == "missing-weights":
+        os.remove(weights)
+    elif how == "missing-tensor":
+        tensors.pop("actor_head.bias")
+        save_file(tensors, weights)
+    elif how == "wrong-shape":
+        tensors["actor_head.bias"] = torch.zeros(1, 3)
+        save_file(tensors, weights)
+    elif how == "wrong-dtype":
+        tensors["actor_head.bias"] = tensors["actor_head.bias"].double()
+        save_file(tensors, weights)
+    elif how == "nan":
+        tensors["actor_in.weight"][0, 0, 0] = float("nan")
+        save_file(tensors, weights)
+    elif how == "bad-json":
+        card_path.write_text("{not json")
+    elif how == "missing-key":
+        del card["spec"]
+        card_path.write_text(json.dumps(card))
+    elif how == "spec-mismatch":
+        card["spec"]["obs_size"] += 1
+        card_path.write_text(json.dumps(card))
+    elif how == "bad-architecture":
+        card["architecture"]["sharing"] = "nope"
+        card_path.write_text(json.dumps(card))
+    elif how == "sharing-mismatch":
+        card["sharing"] = "independent"
+        card_path.write_text(json.dumps(card))
+    elif how == "pickle":
+        torch.save(tensors, weights)  # a pickle file posing as weights must be refused, not unpickled
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how,message", [
+    ("truncated", "truncated or corrupt"), ("garbage", "truncated or corrupt"), ("pickle", "truncated or corrupt"),
+    ("missing-weights", "weights file is missing"), ("missing-tensor", "missing tensors: actor_head.bias"),
+    ("wrong-shape", "actor_head.bias has shape"), ("wrong-dtype", "dtype"), ("nan", "NaN"),
+    ("bad-json", "not valid JSON"), ("missing-key", "lacks required keys: spec"),
+    ("spec-mismatch", "spec obs_size"), ("bad-architecture", "architecture is invalid"),
+    ("sharing-mismatch", "card sharing"),
+])
+def test_corrupt_models_raise_model_load_error(repo, sc, how, message):
+    policy = make(sc)
+    v = repo.save("m", policy, scenario=sc, step=0, eval_win_rate=None)
+    _corrupt(repo.root / "m" / str(v), how, policy)
+    with pytest.raises(ModelLoadError, match=message) as info:
+        repo.load("m", v)
+    if how != "missing-weights":
+        assert str(repo.root / "m" / str(v)) in str(info.value)

@@ -1,0 +1,529 @@
+"""In-process gRPC tests of the inference service on 127.0.0.1 (ephemeral ports), with a real Policy.
+
+Each test runs its own event loop (asyncio.run) holding both the server and its clients. Waits are bounded
+in count and time; nothing asserts on how long something took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import threading
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from service._gen.phalanx.v1 import inference_pb2 as pb
+from service.client import AsyncClient, Client, StreamError, act_request, batch_request
+from service.server import ServeConfig, start_server
+from trainer.policy import Policy
+from trainer.repository import ModelRepository
+from trainer.sim import BattleSim, load_scenario
+
+
+@contextlib.asynccontextmanager
+async def serving(root, **overrides):
+    settings = dict(models=root, name="m", port=0, poll_seconds=0.0, grace_seconds=5.0)
+    settings.update(overrides)
+    running = await start_server(ServeConfig(**settings), CollectorRegistry())
+    try:
+        yield running
+    finally:
+        await running.stop(grace=0)
+
+
+async def wait_until(predicate, what: str, tries: int = 500, step: float = 0.01):
+    """Poll `predicate` at most `tries` times (bounded: tries * step seconds)."""
+    for _ in range(tries):
+        if predicate():
+            return
+        await asyncio.sleep(step)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def sim_inputs(scenario, games=4, seed=0, steps=3):
+    """Real observations and masks from a few steps of the simulator: (obs (R, O), mask (R, N), unit (R,))."""
+    sim = BattleSim(scenario, games, seed=seed)
+    out = sim.reset()
+    rows = []
+    for _ in range(steps):
+        rows.append((out.obs.reshape(-1, scenario.obs_size), out.avail.reshape(-1, scenario.n_actions),
+                     torch.arange(scenario.n_agents).repeat(games)))
+        out = sim.step(out.avail.float().argmax(2))
+    obs, mask, unit = (torch.cat(x) for x in zip(*rows))
+    return obs.numpy(), mask.numpy(), unit.numpy()
+
+
+def local_greedy(policy, obs, mask, unit):
+    out = policy.act(torch.from_numpy(obs), torch.from_numpy(mask), torch.from_numpy(unit).long(),
+                     torch.ones(len(obs), dtype=torch.bool))
+    return out.action.numpy(), out.log_prob.numpy(), out.value.numpy()
+
+
+class Gate:
+    """Wraps the batcher's forward so a test can hold a batch inside the forward pass."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self.batches: list[int] = []  # rows of each batch that entered the forward pass
+
+    def __call__(self, obs, mask, unit, greedy):
+        self.batches.append(obs.shape[0])
+        self.entered.set()
+        self.open.wait(30)
+        return self.forward(obs, mask, unit, greedy)
+
+
+def metric_samples(text: str) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+# --- the three RPC styles, answers matched to requests ------------------------------------------------------
+
+def test_act_actstream_actbatch_and_model_info_answer_like_the_local_policy(service_repo):
+    root, scenario, policy = service_repo
+    obs, mask, unit = sim_inputs(scenario)
+    want_action, want_logp, want_value = local_greedy(policy, obs, mask, unit)
+
+    async def main():
+        async with serving(root) as running, AsyncClient(running.address) as client:
+            info = await client.model_info()
+            unary = [await client.act(obs[i], mask[i], int(unit[i]), greedy=True, request_id=i + 1)
+                     for i in range(len(obs))]
+            async with client.stream() as stream:
+                streamed = await stream.act_many([act_request(obs[i], mask[i], int(unit[i]), greedy=True,
+                                                              spec_hash=scenario.spec_hash, request_id=100 + i)
+                                                  for i in range(len(obs))])
+            frame = await client.act_batch(obs, mask, unit, greedy=True, spec_hash=scenario.spec_hash, request_id=7)
+            return info, unary, streamed, frame
+
+    info, unary, streamed, frame = asyncio.run(main())
+    assert (info.name, info.version, info.spec_name, info.spec_hash) == ("m", 1, "3m", scenario.spec_hash)
+    assert (info.obs_size, info.n_actions, info.n_agents, info.sharing) == (scenario.obs_size, scenario.n_actions,
+                                                                             scenario.n_agents, "shared")
+    assert [r.action for r in unary] == want_action.tolist()
+    assert [r.request_id for r in unary] == list(range(1, len(obs) + 1))
+    assert np.allclose([r.log_prob for r in unary], want_logp, atol=1e-5)
+    assert np.allclose([r.probability for r in unary], np.exp(want_logp), atol=1e-5)
+    assert np.allclose([r.value for r in unary], want_value, atol=1e-4)
+    assert all(r.model_version == 1 for r in unary + streamed)
+    assert [r.request_id for r in streamed] == [100 + i for i in range(len(obs))]
+    assert [r.action for r in streamed] == want_action.tolist()
+    assert frame.action.tolist() == want_action.tolist() and frame.model_version == 1 and frame.request_id == 7
+    assert np.allclose(frame.log_prob, want_logp, atol=1e-5) and np.allclose(frame.value, want_value, atol=1e-4)
+
+
+def test_many_concurrent_clients_each_get_their_own_answers(service_repo):
+    root, scenario, policy = service_repo
+    obs, mask, unit = sim_inputs(scenario, games=8, steps=4)
+    want = local_greedy(policy, obs, mask, unit)[0]
+    n = len(obs)
+
+    async def unary_client(client, offset):
+        got = {}
+        for j in range(n):
+            i = (j + offset) % n
+            r = await client.act(obs[i], mask[i], int(unit[i]), greedy=True, request_id=i + 1)
+            got[r.request_id - 1] = r.action
+        return got
+
+    async def stream_client(client, offset):
+        order = [(j + offset) % n for j in range(n)]
+        async with client.stream() as s:
+            answers = await s.act_many([act_request(obs[i], mask[i], int(unit[i]), greedy=True, request_id=i + 1)
+                                        for i in order])
+        assert [a.request_id - 1 for a in answers] == order  # in the order of that stream's requests
+        return {a.request_id - 1: a.action for a in answers}
+
+    async def batch_client(client, offset):
+        idx = np.roll(np.arange(n), offset)[:20]
+        r = await client.act_batch(obs[idx], mask[idx], unit[idx], greedy=True)
+        return dict(zip(idx.tolist(), r.action.tolist()))
+
+    async def main():
+        async with serving(root, max_batch_size=32) as running, AsyncClient(running.address) as client:
+            jobs = [unary_client(client, k * 7) for k in range(8)] + [stream_client(client, k * 5) for k in range(8)]
+            jobs += [batch_client(client, k * 3) for k in range(8)]
+            results = await asyncio.gather(*jobs)
+            sizes = running.metrics.batch_size.collect()[0].samples
+            return results, sizes
+
+    results, sizes = asyncio.run(main())
+    for got in results:
+        assert got == {i: int(want[i]) for i in got}
+    count = next(s.value for s in sizes if s.name.endswith("_count"))
+    total = next(s.value for s in sizes if s.name.endswith("_sum"))
+    assert total == 16 * n + 8 * 20  # every unit went through exactly one forward pass
+    assert count < 16 * n + 8  # and requests shared forward passes
+
+
+def test_sync_client_in_a_thread(service_repo):
+    root, scenario, policy = service_repo
+    obs, mask, unit = sim_inputs(scenario, games=2, steps=1)
+
+    def use(address):
+        with Client(address) as c:
+            one = c.act(obs[0], mask[0], int(unit[0]), greedy=True)
+            frame = c.act_batch(obs, mask, unit, greedy=True)
+            with c.stream() as s:
+                streamed = s.act_many(act_request(obs[i], mask[i], int(unit[i]), greedy=True) for i in range(len(obs)))
+            return one, frame, streamed, c.model_info()
+
+    async def main():
+        async with serving(root) as running:
+            return await asyncio.to_thread(use, running.address)
+
+    one, frame, streamed, info = asyncio.run(main())
+    want = local_greedy(policy, obs, mask, unit)[0]
+    assert one.action == want[0] and frame.action.tolist() == want.tolist()
+    assert [r.action for r in streamed] == want.tolist() and [r.request_id for r in streamed] == list(range(1, len(obs) + 1))
+    assert info.version == 1
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+
+BAD_ACTS = {
+    "short observation": (lambda o, m: (o[:-1], m, 0, ""), grpc.StatusCode.INVALID_ARGUMENT, "observation: expected"),
+    "nan": (lambda o, m: (np.r_[o[:-1], np.nan], m, 0, ""), grpc.StatusCode.INVALID_ARGUMENT, "finite, got nan"),
+    "inf": (lambda o, m: (np.r_[np.inf, o[1:]], m, 0, ""), grpc.StatusCode.INVALID_ARGUMENT, "finite, got inf"),
+    "no legal action": (lambda o, m: (o, np.zeros_like(m), 0, ""), grpc.StatusCode.INVALID_ARGUMENT, "action_mask"),
+    "long mask": (lambda o, m: (o, np.r_[m, True], 0, ""), grpc.StatusCode.INVALID_ARGUMENT, "action_mask: expected"),
+    "unit out of range": (lambda o, m: (o, m, 3, ""), grpc.StatusCode.INVALID_ARGUMENT, "unit_id: expected 0..2"),
+    "spec mismatch": (lambda o, m: (o, m, 0, "0123456789abcdef"), grpc.StatusCode.FAILED_PRECONDITION, "spec_hash"),
+}
+
+
+def test_every_bad_input_is_refused_with_its_field_and_one_bad_request_fails_nothing_else(service_repo):
+    root, scenario, policy = service_repo
+    obs, mask, unit = sim_inputs(scenario, games=1, steps=1)
+    o, m = obs[0], mask[0]
+
+    async def main():
+        async with serving(root) as running, AsyncClient(running.address) as client:
+            unary = {}
+            for name, (make, _, _) in BAD_ACTS.items():
+                bo, bm, bu, bh = make(o, m)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await client.act(bo, bm, bu, spec_hash=bh)
+                unary[name] = (e.value.code(), e.value.details())
+            # a stream keeps going past bad requests: good, bad..., good, each answered in order
+            requests = [act_request(o, m, 0, greedy=True)]
+            requests += [act_request(*make(o, m)[:3], spec_hash=make(o, m)[3]) for make, _, _ in BAD_ACTS.values()]
+            requests += [act_request(o, m, 1, greedy=True)]
+            async with client.stream() as s:
+                for r in requests:
+                    await s.send(r)
+                streamed = []
+                for _ in requests:
+                    try:
+                        streamed.append(await s.recv())
+                    except StreamError as e:
+                        streamed.append(e)
+            bad_frame = batch_request(obs, mask, np.array([0, 1, 5]))
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.act_batch_request(bad_frame)
+            frame_error = (e.value.code(), e.value.details())
+            counts = running.metrics.requests
+            return unary, streamed, frame_error, counts
+
+    unary, streamed, frame_error, counts = asyncio.run(main())
+    for name, (_, code, words) in BAD_ACTS.items():
+        assert unary[name][0] == code and words in unary[name][1], name
+    assert isinstance(streamed[0], pb.ActResponse) and isinstance(streamed[-1], pb.ActResponse)
+    for got, (_, code, words) in zip(streamed[1:-1], BAD_ACTS.values()):
+        assert isinstance(got, StreamError) and got.code == code and words in got.message
+    assert frame_error[0] == grpc.StatusCode.INVALID_ARGUMENT and "unit_ids" in frame_error[1] and "row 2" in frame_error[1]
+    assert counts.labels("Act", "INVALID_ARGUMENT")._value.get() == 6
+    assert counts.labels("Act", "FAILED_PRECONDITION")._value.get() == 1
+    assert counts.labels("ActStream", "OK")._value.get() == 2
+
+
+# --- back-pressure and deadlines --------------------------------------------------------------------------------
+
+def test_full_queue_sheds_at_once_and_the_queued_calls_still_finish(service_repo):
+    root, scenario, _ = service_repo
+    obs, mask, unit = sim_inputs(scenario, games=2, steps=1)
+
+    async def main():
+        async with serving(root, max_batch_size=2, max_queue=4) as running, \
+                AsyncClient(running.address, retries=0) as client:
+            gate = Gate(running.batcher.forward)
+            running.batcher.forward = gate
+            first = asyncio.create_task(client.act(obs[0], mask[0], 0))
+            await asyncio.to_thread(gate.entered.wait, 10)  # the first call is inside the forward pass
+            queued = [asyncio.create_task(client.act(obs[i], mask[i], int(unit[i]))) for i in range(4)]
+            await wait_until(lambda: running.batcher.queued_rows == 4, "4 queued units")
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.act(obs[0], mask[0], 0)
+            gate.open.set()
+            answers = await asyncio.gather(first, *queued)
+            return e.value, answers, running.metrics.shed.labels("queue_full")._value.get()
+
+    shed, answers, shed_count = asyncio.run(main())
+    assert shed.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue full" in shed.details()
+    assert len(answers) == 5 and all(a.model_version == 1 for a in answers)
+    assert shed_count == 1
+
+
+def test_requests_past_their_deadline_are_dropped_before_the_forward_pass(service_repo):
+    root, scenario, _ = service_repo
+    obs, mask, _ = sim_inputs(scenario, games=1, steps=1)
+
+    async def main():
+        async with serving(root) as running, AsyncClient(running.address, retries=0) as client:
+            gate = Gate(running.batcher.forward)
+            running.batcher.forward = gate
+            first = asyncio.create_task(client.act(obs[0], mask[0], 0))
+            await asyncio.to_thread(gate.entered.wait, 10)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.act(obs[1], mask[1], 1, timeout=0.2)
+            gate.open.set()
+            await first
+            shed = running.metrics.shed.labels("deadline")
+            await wait_until(lambda: shed._value.get() == 1, "the expired request to be dropped")
+            return e.value.code(), gate.batches
+
+    code, batches = asyncio.run(main())
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert batches == [1]  # only the first request reached the model
+
+
+# --- model holder: hot reload, refusals, no model ------------------------------------------------------------------
+
+def test_hot_reload_picks_up_a_new_version_and_refuses_corrupt_and_incompatible_ones(service_repo):
+    root, scenario, _ = service_repo
+    repo = ModelRepository(root)
+    obs, mask, _ = sim_inputs(scenario, games=1, steps=1)
+
+    async def version_answering(client):
+        return (await client.act(obs[0], mask[0], 0)).model_version
+
+    async def main():
+        async with serving(root, poll_seconds=0.02) as running, AsyncClient(running.address) as client:
+            seen = [await version_answering(client)]
+            torch.manual_seed(5)
+            repo.save("m", Policy.for_scenario(scenario, critic="local"), scenario=scenario, step=10, eval_win_rate=0.5)
+            await wait_until(lambda: running.holder.current.version == 2, "version 2 to be served")
+            seen.append(await version_answering(client))
+            # version 3: weights file garbage; version 4: a model for another scenario
+            bad = root / "m" / "3"
+            bad.mkdir()
+            (bad / "card.json").write_text((root / "m" / "2" / "card.json").read_text().replace('"version": 2', '"version": 3'))
+            (bad / "weights.safetensors").write_bytes(b"not a safetensors file")
+            await wait_until(lambda: 3 in running.holder.refused, "version 3 to be refused")
+            other = load_scenario("8m")
+            repo.save("m", Policy.for_scenario(other), scenario=other, step=0, eval_win_rate=None)
+            await wait_until(lambda: 4 in running.holder.refused, "version 4 to be refused")
+            seen.append(await version_answering(client))
+            m = running.metrics
+            return (seen, dict(running.holder.refused), m.reloads._value.get(), m.reload_failures._value.get(),
+                    m.model_version._value.get(), (await client.model_info()).version)
+
+    seen, refused, reloads, failures, gauge, info_version = asyncio.run(main())
+    assert seen == [1, 2, 2]
+    assert "weights" in refused[3] or "safetensors" in refused[3]
+    assert "spec 8m" in refused[4] and "restart the service" in refused[4]
+    assert (reloads, failures, gauge, info_version) == (1, 2, 2, 2)
+
+
+def test_pinned_version_is_served_even_when_newer_ones_exist(service_repo):
+    root, scenario, _ = service_repo
+    ModelRepository(root).save("m", Policy.for_scenario(scenario), scenario=scenario, step=1, eval_win_rate=None)
+
+    async def main():
+        async with serving(root, version=1, poll_seconds=0.02) as running, AsyncClient(running.address) as client:
+            await asyncio.sleep(0.1)  # a few polls happen; none may move a pinned service
+            return (await client.model_info()).version
+
+    assert asyncio.run(main()) == 1
+
+
+def test_health_follows_the_model_and_draining(service_repo, tmp_path):
+    root, scenario, policy = service_repo
+    empty = tmp_path / "empty"
+    obs, mask, _ = sim_inputs(scenario, games=1, steps=1)
+
+    async def main():
+        statuses = []
+        async with serving(empty, poll_seconds=0.02, grace_seconds=5.0) as running:
+            channel = grpc.aio.insecure_channel(running.address)
+            health = health_pb2_grpc.HealthStub(channel)
+            check = lambda: health.Check(health_pb2.HealthCheckRequest(service="phalanx.v1.Inference"))  # noqa: E731
+            statuses.append((await check()).status)
+            async with AsyncClient(running.address, retries=0) as client:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await client.act(obs[0], mask[0], 0)
+                unavailable = (e.value.code(), e.value.details())
+                ModelRepository(empty).save("m", policy, scenario=scenario, step=0, eval_win_rate=None)
+                await wait_until(lambda: running.holder.current is not None, "the first model")
+                statuses.append((await check()).status)
+                watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+                statuses.append((await watch.read()).status)
+                gate = Gate(running.batcher.forward)
+                running.batcher.forward = gate
+                in_flight = asyncio.create_task(client.act(obs[0], mask[0], 0))
+                await asyncio.to_thread(gate.entered.wait, 10)
+                stopping = asyncio.create_task(running.stop(grace=10))
+                statuses.append((await watch.read()).status)  # drained: NOT_SERVING pushed to watchers
+                watch.cancel()  # an open Watch would hold the shutdown for the whole grace period
+                gate.open.set()
+                answer = await in_flight  # the call in flight finished during the grace period
+                await stopping
+            await channel.close()
+        return statuses, unavailable, answer
+
+    statuses, unavailable, answer = asyncio.run(main())
+    S, N = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert statuses == [N, S, S, N]
+    assert unavailable[0] == grpc.StatusCode.UNAVAILABLE and "no model loaded" in unavailable[1]
+    assert answer.model_version == 1
+
+
+def test_graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones(service_repo):
+    root, scenario, _ = service_repo
+    obs, mask, unit = sim_inputs(scenario, games=2, steps=1)
+
+    async def main():
+        async with serving(root) as running, AsyncClient(running.address, retries=0, timeout=20) as client:
+            stream = client.stream()
+            streamed = await stream.act_many([act_request(obs[0], mask[0], 0)])  # an idle stream stays open
+            gate = Gate(running.batcher.forward)
+            running.batcher.forward = gate
+            calls = [asyncio.create_task(client.act(obs[i], mask[i], int(unit[i]), greedy=True)) for i in range(6)]
+            frame = asyncio.create_task(client.act_batch(obs, mask, unit, greedy=True))
+            await asyncio.to_thread(gate.entered.wait, 10)
+            await wait_until(lambda: running.batcher.queued_rows + sum(gate.batches) == 6 + len(obs),
+                             "every call to be queued or in the forward pass")
+            stopping = asyncio.create_task(running.stop(grace=20))
+            await wait_until(lambda: running.draining, "draining")
+            await asyncio.sleep(0.05)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.act(obs[0], mask[0], 0)
+            with pytest.raises(StreamError) as ended:  # draining ends open streams (after their answers)
+                await stream.recv()
+            gate.open.set()
+            results = await asyncio.gather(*calls, frame)
+            await stopping
+            return results + streamed, e.value.code(), ended.value.code
+
+    results, refused, stream_end = asyncio.run(main())
+    assert all(r.model_version == 1 for r in results)
+    assert refused == grpc.StatusCode.UNAVAILABLE and stream_end == grpc.StatusCode.UNAVAILABLE
+
+
+# --- security -----------------------------------------------------------------------------------------------------
+
+def _self_signed(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("the TLS test makes its self-signed certificate with the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls_with_a_self_signed_certificate(service_repo, tmp_path):
+    root, scenario, _ = service_repo
+    cert, key = _self_signed(tmp_path)
+    obs, mask, _ = sim_inputs(scenario, games=1, steps=1)
+
+    async def main():
+        async with serving(root, tls_cert=cert, tls_key=key) as running:
+            async with AsyncClient(running.address, tls_ca=cert) as client:
+                good = await client.act(obs[0], mask[0], 0)
+            async with AsyncClient(running.address, retries=0, timeout=5) as plain:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await plain.act(obs[0], mask[0], 0)
+            return good, e.value.code()
+
+    good, plain_code = asyncio.run(main())
+    assert good.model_version == 1
+    assert plain_code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_bearer_token_auth(service_repo, tmp_path):
+    root, scenario, _ = service_repo
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    obs, mask, unit = sim_inputs(scenario, games=1, steps=1)
+
+    async def main():
+        async with serving(root, auth_token_file=token_file) as running:
+            codes = {}
+            for name, token in (("none", None), ("wrong", "guess")):
+                async with AsyncClient(running.address, token=token, retries=0) as client:
+                    for rpc, call in (("Act", client.act(obs[0], mask[0], 0)),
+                                      ("ActBatch", client.act_batch(obs, mask, unit)),
+                                      ("GetModelInfo", client.model_info())):
+                        with pytest.raises(grpc.aio.AioRpcError) as e:
+                            await call
+                        codes[(name, rpc)] = (e.value.code(), e.value.details())
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        async with client.stream() as s:
+                            await s.act_many([act_request(obs[0], mask[0], 0)])
+                    codes[(name, "ActStream")] = (e.value.code(), e.value.details())
+            async with AsyncClient(running.address, token="s3cret-token") as client:
+                ok = await client.act(obs[0], mask[0], 0)
+                async with client.stream() as s:
+                    ok_stream = await s.act_many([act_request(obs[0], mask[0], 0)])
+            async with grpc.aio.insecure_channel(running.address) as channel:  # health stays open for probes
+                status = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            return codes, ok, ok_stream, status.status
+
+    codes, ok, ok_stream, status = asyncio.run(main())
+    assert len(codes) == 8
+    for (name, rpc), (code, details) in codes.items():
+        assert code == grpc.StatusCode.UNAUTHENTICATED, (name, rpc)
+        assert "authorization" in details
+    assert ok.model_version == 1 and ok_stream[0].model_version == 1
+    assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+# --- metrics ---------------------------------------------------------------------------------------------------
+
+def test_metrics_are_served_on_the_metrics_port(service_repo):
+    root, scenario, _ = service_repo
+    obs, mask, unit = sim_inputs(scenario, games=2, steps=1)
+
+    async def main():
+        async with serving(root, metrics_port=0) as running, AsyncClient(running.address) as client:
+            for i in range(5):
+                await client.act(obs[i], mask[i], int(unit[i]))
+            await client.act_batch(obs, mask, unit)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await client.act(obs[0][:3], mask[0], 0)
+            url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+            return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+
+    samples = metric_samples(asyncio.run(main()))
+    get = lambda name, **labels: samples[(name, tuple(sorted(labels.items())))]  # noqa: E731
+    assert get("phalanx_requests_total", rpc="Act", code="OK") == 5
+    assert get("phalanx_requests_total", rpc="Act", code="INVALID_ARGUMENT") == 1
+    assert get("phalanx_requests_total", rpc="ActBatch", code="OK") == 1
+    assert get("phalanx_units_total", rpc="ActBatch") == len(obs)
+    assert get("phalanx_request_latency_seconds_count", rpc="Act") == 6
+    assert ("phalanx_request_latency_seconds_bucket", (("le", "0.0001"), ("rpc", "Act"))) in samples
+    assert get("phalanx_batch_size_units_sum") == 5 + len(obs)
+    assert get("phalanx_queue_time_seconds_count") == 6
+    assert get("phalanx_compute_time_seconds_count") >= 1
+    assert get("phalanx_model_version") == 1
+    assert get("phalanx_model_reloads_total") == 0 and get("phalanx_model_reload_failures_total") == 0
+    assert get("phalanx_queue_depth_units") == 0
+    assert get("phalanx_shed_requests_total", reason="queue_full") == 0 if (
+        ("phalanx_shed_requests_total", (("reason", "queue_full"),)) in samples) else True
+    assert not any("unit_id" in str(k) or "game" in str(k) for k in samples)

@@ -1,0 +1,250 @@
+"""Pure unit tests of the service's parts: validation, the batcher (with a stand-in forward), generated code."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service import gen_proto
+from service._gen.phalanx.v1 import inference_pb2 as pb
+from service.batcher import Batcher, Outputs
+from service.client import act_request, batch_request
+from service.metrics import ServiceMetrics
+from service.validation import RequestError, frame_rows, unit_rows
+
+SPEC = SimpleNamespace(spec_name="3m", spec_hash="abc123", obs_size=5, n_actions=4, n_agents=3)
+OBS = [0.1, 0.2, 0.3, 0.4, 0.5]
+MASK = [False, True, True, False]
+
+
+def test_generated_code_is_up_to_date(tmp_path):
+    pytest.importorskip("grpc_tools", reason="regenerating needs grpcio-tools (the dev extra)")
+    gen_proto.generate(tmp_path)
+    assert gen_proto.differences(tmp_path, gen_proto.GEN_ROOT) == []
+
+
+# --- validation ---------------------------------------------------------------------------------------------
+
+def test_unit_rows_accepts_a_good_request():
+    rows = unit_rows(act_request(OBS, MASK, 2, greedy=True, spec_hash="abc123"), SPEC)
+    assert rows.obs.shape == (1, 5) and rows.obs.dtype == np.float32
+    assert rows.mask.tolist() == [MASK] and rows.unit.tolist() == [2] and rows.greedy.tolist() == [True]
+
+
+@pytest.mark.parametrize("change, code, words", [
+    (dict(obs=OBS[:4]), grpc.StatusCode.INVALID_ARGUMENT, "observation: expected 5 floats for spec 3m (hash abc123), got 4"),
+    (dict(obs=OBS + [1.0]), grpc.StatusCode.INVALID_ARGUMENT, "got 6"),
+    (dict(obs=OBS[:4] + [math.nan]), grpc.StatusCode.INVALID_ARGUMENT, "observation: every value must be finite, got nan at index 4"),
+    (dict(obs=[math.inf] + OBS[1:]), grpc.StatusCode.INVALID_ARGUMENT, "got inf at index 0"),
+    (dict(mask=MASK[:3]), grpc.StatusCode.INVALID_ARGUMENT, "action_mask: expected 4 entries"),
+    (dict(mask=[False] * 4), grpc.StatusCode.INVALID_ARGUMENT, "action_mask: at least one action must be legal"),
+    (dict(unit=3), grpc.StatusCode.INVALID_ARGUMENT, "unit_id: expected 0..2"),
+    (dict(spec_hash="ffff"), grpc.StatusCode.FAILED_PRECONDITION, "spec_hash: the served model was trained on spec 3m"),
+    (dict(prev_reward=math.nan), grpc.StatusCode.INVALID_ARGUMENT, "prev_reward: must be finite"),
+])
+def test_unit_rows_refuses_bad_requests(change, code, words):
+    fields = dict(obs=OBS, mask=MASK, unit=1, spec_hash="")
+    fields.update(change)
+    extra = {"prev_reward": fields.pop("prev_reward")} if "prev_reward" in fields else {}
+    req = act_request(fields["obs"], fields["mask"], fields["unit"], spec_hash=fields["spec_hash"], **extra)
+    with pytest.raises(RequestError) as e:
+        unit_rows(req, SPEC)
+    assert e.value.code == code
+    assert words in e.value.message
+
+
+def _frame(n=3, **kw):
+    rng = np.random.default_rng(0)
+    obs = kw.pop("obs", rng.standard_normal((n, 5)).astype(np.float32))
+    mask = kw.pop("mask", np.ones((n, 4), bool))
+    units = kw.pop("units", np.arange(n) % 3)
+    return batch_request(obs, mask, units, **kw)
+
+
+def test_frame_rows_accepts_a_good_frame():
+    rows = frame_rows(_frame(4, greedy=True, prev_rewards=np.zeros(4), prev_dones=np.zeros(4)), SPEC)
+    assert rows.obs.shape == (4, 5) and rows.mask.shape == (4, 4) and rows.mask.dtype == bool
+    assert rows.unit.tolist() == [0, 1, 2, 0] and rows.greedy.all()
+
+
+def _broken(mutate):
+    req = _frame(3)
+    mutate(req)
+    return req
+
+
+@pytest.mark.parametrize("req, code, words", [
+    (_broken(lambda r: r.ClearField("observations")), "INVALID_ARGUMENT", "observations: required"),
+    (_broken(lambda r: setattr(r.observations, "dtype", pb.DATA_TYPE_INT32)), "INVALID_ARGUMENT",
+     "observations.dtype: expected DATA_TYPE_FLOAT32, got DATA_TYPE_INT32"),
+    (_broken(lambda r: r.observations.shape.__setitem__(1, 6)), "INVALID_ARGUMENT",
+     "observations.shape: expected (n, 5), got [3, 6]"),
+    (_broken(lambda r: setattr(r.observations, "data", r.observations.data[:-4])), "INVALID_ARGUMENT",
+     "observations.data: shape [3, 5] of DATA_TYPE_FLOAT32 needs 60 bytes, got 56"),
+    (_frame(3, obs=np.array([[0, 0, 0, 0, 0], [0, 0, np.nan, 0, 0], [0] * 5], np.float32)), "INVALID_ARGUMENT",
+     "observations: every value must be finite, got nan at row 1, column 2"),
+    (_frame(2, mask=np.array([[1, 0, 0, 0], [0, 0, 0, 0]], bool)), "INVALID_ARGUMENT",
+     "action_masks: every row needs at least one legal action, row 1 has none"),
+    (_broken(lambda r: r.action_masks.shape.__setitem__(0, 2)), "INVALID_ARGUMENT", "action_masks.shape: expected (3, 4)"),
+    (_frame(2, units=np.array([0, 3])), "INVALID_ARGUMENT", "unit_ids: expected 0..2 (agent slots of spec 3m (hash abc123)), got 3 at row 1"),
+    (_frame(2, units=np.array([-1, 0])), "INVALID_ARGUMENT", "got -1 at row 0"),
+    (_frame(2, spec_hash="nope"), "FAILED_PRECONDITION", "spec_hash"),
+    (_frame(0, obs=np.zeros((0, 5), np.float32), mask=np.zeros((0, 4), bool), units=np.zeros(0)), "INVALID_ARGUMENT",
+     "at least one unit"),
+    (_frame(2, prev_rewards=np.array([0.0, np.inf])), "INVALID_ARGUMENT", "prev_rewards: every value must be finite"),
+    (_frame(2, prev_dones=np.zeros(3)), "INVALID_ARGUMENT", "prev_dones.shape: expected (2,), got [3]"),
+])
+def test_frame_rows_refuses_bad_frames(req, code, words):
+    with pytest.raises(RequestError) as e:
+        frame_rows(req, SPEC)
+    assert e.value.code.name == code
+    assert words in e.value.message
+
+
+# --- batcher (stand-in forward: action = row's unit id, value = the row's first observation) -----------------
+
+def _rows(value: float, unit: int = 0, k: int = 1):
+    from service.validation import Rows
+    return Rows(np.full((k, 5), value, np.float32), np.ones((k, 4), bool), np.full(k, unit, np.int64),
+                np.zeros(k, bool))
+
+
+class _Recorder:
+    def __init__(self, fail: bool = False):
+        self.batches: list[int] = []
+        self.fail = fail
+
+    def __call__(self, obs, mask, unit, greedy) -> Outputs:
+        self.batches.append(obs.shape[0])
+        if self.fail:
+            raise RuntimeError("boom")
+        n = obs.shape[0]
+        return Outputs(7, unit.copy(), np.zeros(n, np.float32), np.ones(n, np.float32), obs[:, 0].copy())
+
+
+def _batcher(forward, **kw) -> Batcher:
+    return Batcher(forward, metrics=ServiceMetrics(CollectorRegistry()), **kw)
+
+
+def test_batcher_answers_every_caller_with_its_own_rows():
+    async def main():
+        fwd = _Recorder()
+        b = _batcher(fwd, max_batch_size=8)
+        futures = [b.enqueue(_rows(float(i), unit=i % 3)) for i in range(20)]
+        frame = b.enqueue(_rows(99.0, unit=1, k=5))
+        b.start()
+        outs = await asyncio.gather(*futures, frame)
+        await b.close()
+        return fwd, outs
+
+    fwd, outs = asyncio.run(main())
+    for i, out in enumerate(outs[:20]):
+        assert out.value.tolist() == [float(i)] and out.action.tolist() == [i % 3] and out.version == 7
+    assert outs[20].value.tolist() == [99.0] * 5
+    assert sum(fwd.batches) == 25 and max(fwd.batches) <= 8  # the 5-row frame stayed whole
+
+
+def test_batcher_runs_an_oversized_frame_alone():
+    async def main():
+        fwd = _Recorder()
+        b = _batcher(fwd, max_batch_size=4)
+        futures = [b.enqueue(_rows(1.0)), b.enqueue(_rows(2.0, k=10)), b.enqueue(_rows(3.0))]
+        b.start()
+        await asyncio.gather(*futures)
+        await b.close()
+        return fwd.batches
+
+    assert asyncio.run(main()) == [1, 10, 1]
+
+
+def test_batcher_fans_a_forward_error_out_to_every_caller():
+    async def main():
+        b = _batcher(_Recorder(fail=True), max_batch_size=64)
+        futures = [b.enqueue(_rows(float(i))) for i in range(5)]
+        b.start()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await b.close()
+        return results
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, RequestError) and r.code == grpc.StatusCode.INTERNAL and "boom" in r.message
+               for r in results)
+
+
+def test_batcher_sheds_when_full_and_drops_expired_requests():
+    async def main():
+        fwd = _Recorder()
+        b = _batcher(fwd, max_batch_size=4, max_queue=3)
+        kept = [b.enqueue(_rows(1.0)), b.enqueue(_rows(2.0), deadline=0.0)]  # the second expired long ago
+        with pytest.raises(RequestError) as full:
+            b.enqueue(_rows(3.0, k=2))
+        with pytest.raises(RequestError) as huge:
+            b.enqueue(_rows(3.0, k=4))
+        b.start()
+        results = await asyncio.gather(*kept, return_exceptions=True)
+        await b.close()
+        return fwd, full.value, huge.value, results, b
+
+    fwd, full, huge, results, b = asyncio.run(main())
+    assert full.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 3" in full.message
+    assert huge.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert results[0].value.tolist() == [1.0]
+    assert isinstance(results[1], RequestError) and results[1].code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert fwd.batches == [1]
+    assert b.metrics.shed.labels("deadline")._value.get() == 1
+    assert b.metrics.shed.labels("queue_full")._value.get() == 2
+
+
+def test_batcher_waits_for_a_batch_to_fill_up_to_the_delay():
+    async def main():
+        fwd = _Recorder()
+        b = _batcher(fwd, max_batch_size=4, max_queue_delay=30.0)  # would wait 30 s for a 4th row...
+        b.start()
+        futures = [b.enqueue(_rows(float(i))) for i in range(3)]
+        await asyncio.sleep(0)
+        futures.append(b.enqueue(_rows(3.0)))  # ...but the 4th fills the batch at once
+        await asyncio.gather(*futures)
+        await b.close()
+        return fwd.batches
+
+    assert asyncio.run(main()) == [4]
+
+
+def test_batcher_close_fails_waiting_callers_with_unavailable():
+    async def main():
+        b = _batcher(_Recorder(), max_batch_size=4, max_queue_delay=30.0)
+        b.start()
+        futures = [b.enqueue(_rows(1.0)), b.enqueue(_rows(2.0))]  # two callers: the batcher waits to fill up
+        await asyncio.sleep(0)
+        await b.close()
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    errors = asyncio.run(main())
+    assert all(isinstance(e, RequestError) and e.code == grpc.StatusCode.UNAVAILABLE for e in errors)
+
+
+def test_a_lone_caller_does_not_wait_for_the_delay():
+    async def main():
+        fwd = _Recorder()
+        b = _batcher(fwd, max_batch_size=4, max_queue_delay=30.0)
+        b.start()
+        first = await b.submit(_rows(1.0))  # would hang for 30 s if a lone caller waited
+        second = await b.submit(_rows(2.0))
+        await b.close()
+        return first, second, fwd.batches
+
+    first, second, batches = asyncio.run(main())
+    assert first.value.tolist() == [1.0] and second.value.tolist() == [2.0] and batches == [1, 1]
+
+
+def test_batcher_refuses_bad_settings():
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1, got 0"):
+        _batcher(_Recorder(), max_batch_size=0)
+    with pytest.raises(ValueError, match="max_queue_delay must be >= 0 seconds"):
+        _batcher(_Recorder(), max_queue_delay=-1)

@@ -1,0 +1,154 @@
+"""`phalanx train` / `phalanx eval` end to end, bad input, and the training metrics (endpoint and Pushgateway)."""
+
+import csv
+import json
+import subprocess
+import sys
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.cli import main
+from trainer.ppo import TrainConfig, train
+from trainer.repository import ModelRepository
+from trainer.train_metrics import TrainMetrics
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--envs", "32", "--rollout", "8", "--hidden", "16", "--epochs", "2", "--eval-episodes", "16", "--no-progress"]
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_train_then_eval_end_to_end(tmp_path):
+    """The real command in a subprocess: versions, card, CSV, PNG, final JSON; eval reproduces the training eval."""
+    models = tmp_path / "models"
+    cmd = [sys.executable, "-m", "service.cli", "train", "--scenario", "3m", "--models", str(models), "--name", "e2e",
+           "--steps", "1024", "--eval-every", "512", *TINY]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    summary = last_json(run.stdout)
+    for key in ("scenario", "steps", "minutes", "final_eval_win_rate", "best_eval_win_rate", "version",
+                "agent_steps_per_s"):
+        assert key in summary
+    assert summary["scenario"] == "3m" and summary["steps"] == 1024 and summary["version"] == 2
+    repo = ModelRepository(models)
+    assert repo.versions("e2e") == [1, 2]
+    card = repo.load("e2e").card
+    assert card["step"] == 1024 and card["eval_win_rate"] == summary["final_eval_win_rate"]
+    rows = list(csv.DictReader(open(summary["csv"])))
+    assert [int(r["steps"]) for r in rows] == [512, 1024]
+    assert {"minutes", "samples", "win_rate", "return", "pg_loss", "v_loss", "entropy", "approx_kl"} <= set(rows[0])
+    assert Path(summary["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    ev = subprocess.run([sys.executable, "-m", "service.cli", "eval", "--models", str(models), "--name", "e2e",
+                         "--scenario", "3m", "--episodes", "16", "--seed", "0"],
+                        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert ev.returncode == 0, ev.stderr
+    result = last_json(ev.stdout)
+    assert result["win_rate"] == summary["final_eval_win_rate"] and result["episodes"] == 16
+    assert {"mean_return", "mean_length", "version"} <= set(result) and result["version"] == 2
+
+
+def test_eval_baseline_needs_no_model(capsys):
+    assert main(["eval", "--scenario", "3m", "--episodes", "32", "--policy", "focus-fire"]) == 0
+    out = last_json(capsys.readouterr().out)
+    assert out["policy"] == "focus-fire" and out["episodes"] == 32 and 0 <= out["win_rate"] <= 1
+    # the random baseline is clearly worse than focus fire on the same games
+    assert main(["eval", "--scenario", "3m", "--episodes", "32", "--policy", "random"]) == 0
+    assert last_json(capsys.readouterr().out)["mean_return"] < out["mean_return"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--scenario", "nope", "--models", "M", "--name", "x"], "nope"),
+    (["train", "--scenario", "3m", "--models", "M", "--name", "x", "--envs", "0"], "--envs must be >= 1"),
+    (["train", "--scenario", "3m", "--models", "M", "--name", "x", "--target-win-rate", "2"], "--target-win-rate"),
+    (["train", "--scenario", "3m", "--models", "M", "--name", "x", "--resume", "soon"], "--resume"),
+    (["eval", "--scenario", "3m"], "give --models and --name"),
+    (["eval", "--scenario", "3m", "--policy", "random", "--episodes", "0"], "--episodes must be >= 1"),
+    (["eval", "--scenario", "nope", "--policy", "random"], "nope"),
+])
+def test_bad_input_exits_2_with_a_message(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_refuses_other_specs_and_corrupt_models(capsys, tmp_path):
+    models = str(tmp_path / "m")
+    assert main(["train", "--scenario", "3m", "--models", models, "--name", "a", "--steps", "256",
+                 "--eval-every", "256", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--models", models, "--name", "a", "--scenario", "8m", "--episodes", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "spec" in err and "8m" in err
+    (tmp_path / "m" / "a" / "1" / "weights.safetensors").write_bytes(b"not a model")
+    assert main(["eval", "--models", models, "--name", "a", "--scenario", "3m", "--episodes", "4"]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+    assert main(["train", "--scenario", "3m", "--models", models, "--name", "a", "--resume", "1", *TINY]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("phalanx_train_"):
+            name_labels, value = line.rsplit(" ", 1)
+            values[name_labels.split("{")[0]] = float(value)
+    return values
+
+
+class _Gateway(BaseHTTPRequestHandler):
+    bodies: list = []
+
+    def do_PUT(self):
+        self.bodies.append((self.path, self.rfile.read(int(self.headers["Content-Length"])).decode()))
+        self.send_response(200)
+        self.end_headers()
+
+    do_POST = do_PUT
+
+    def log_message(self, *args):
+        pass
+
+
+def test_metrics_endpoint_and_pushgateway_report_the_run(tmp_path):
+    gateway = HTTPServer(("127.0.0.1", 0), _Gateway)
+    threading.Thread(target=gateway.serve_forever, daemon=True).start()
+    _Gateway.bodies = []
+    metrics = TrainMetrics(scenario="3m", model="mx", registry=CollectorRegistry(),
+                           pushgateway=f"http://127.0.0.1:{gateway.server_port}")
+    port = metrics.serve(0)
+    try:
+        cfg = TrainConfig(models=str(tmp_path / "models"), name="mx", envs=32, rollout=8, hidden=16, epochs=2,
+                          steps=768, eval_every=512, eval_episodes=16, progress=False)
+        summary = train(cfg, metrics=metrics).summary
+        got = _scrape(port)
+        assert got["phalanx_train_steps"] == summary["steps"] == 768
+        assert got["phalanx_train_model_version"] == summary["version"] == 2
+        assert got["phalanx_train_eval_win_rate"] == summary["final_eval_win_rate"]
+        assert got["phalanx_train_agent_steps_per_second"] > 0 and got["phalanx_train_entropy"] > 0
+        for name in ("samples", "policy_loss", "value_loss", "approx_kl", "learning_rate", "train_episode_return"):
+            assert f"phalanx_train_{name}" in got
+        assert len(_Gateway.bodies) == 2  # one push per evaluation
+        path, body = _Gateway.bodies[-1]
+        assert path.startswith("/metrics/job/phalanx_train") and "phalanx_train_model_version" in body
+    finally:
+        metrics.close()
+        gateway.shutdown()
+
+
+def test_a_dead_pushgateway_never_stops_training(tmp_path):
+    metrics = TrainMetrics(scenario="3m", model="my", registry=CollectorRegistry(),
+                           pushgateway="http://127.0.0.1:9")  # nothing listens on the discard port
+    cfg = TrainConfig(models=str(tmp_path / "models"), name="my", envs=16, rollout=8, hidden=16, epochs=1,
+                      steps=256, eval_every=128, eval_episodes=4, progress=False)
+    summary = train(cfg, metrics=metrics).summary
+    assert summary["version"] == 2 and metrics.push_failures == 2

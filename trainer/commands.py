@@ -1,0 +1,237 @@
+"""`phalanx train` and `phalanx eval`: flags parsed once into a config dataclass, then handed to the learner.
+
+Both commands end with one JSON line on stdout. Bad flag values, unknown scenarios and bad model files exit
+with status 2 and a message on stderr that names the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+
+from trainer.sim.scenario import ScenarioError
+
+BASELINE_NAMES = ("random", "attack-nearest", "focus-fire")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from trainer.ppo import TrainConfig
+
+    d = TrainConfig(models=".", name="x")  # the defaults, shown in --help
+    p = sub.add_parser("train", help="learn the shared unit policy with PPO and publish versions to a model repository",
+                       description="PPO over the pooled experience of every unit (MAPPO with a central critic, or "
+                                   "IPPO with a local one). Evaluates greedily every so often, saves a version at "
+                                   "each evaluation and at the end, writes a CSV curve and a PNG plot, and prints "
+                                   "one JSON line. Under `torchrun --nproc-per-node K` it trains with "
+                                   "DistributedDataParallel (gloo on CPU, nccl on GPU).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", required=True, help="model repository root")
+    p.add_argument("--name", required=True, help="model name in the repository")
+    p.add_argument("--scenario", default=d.scenario, help="scenario name (see `phalanx scenarios`)")
+    p.add_argument("--scenario-file", action="append", default=[], metavar="FILE", help="extra TOML scenario file")
+    p.add_argument("--sharing", default=d.sharing, choices=("shared", "per-type", "independent"),
+                   help="parameter sharing mode")
+    p.add_argument("--critic", default=d.critic, choices=("central", "local"),
+                   help="central: MAPPO critic on the global state; local: IPPO critic on each unit's observation")
+    p.add_argument("--hidden", type=int, default=d.hidden, help="hidden layer width")
+    p.add_argument("--agent-id", action="store_true", help="append the unit slot's one-hot to the input")
+    p.add_argument("--unit-type", action="store_true", help="append the unit type's one-hot to the input")
+    p.add_argument("--recurrent", action="store_true", help="GRU core in the actor (cannot be served)")
+    p.add_argument("--envs", type=int, default=d.envs, help="games played at once (per rank)")
+    p.add_argument("--rollout", type=int, default=d.rollout, help="steps per game per iteration")
+    p.add_argument("--steps", type=int, help="budget in environment steps")
+    p.add_argument("--minutes", type=float, help="budget in wall-clock minutes (10 when no budget is given)")
+    p.add_argument("--target-win-rate", type=float, help="stop when a greedy evaluation reaches this win rate")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed (network init, evaluation games)")
+    p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
+    p.add_argument("--no-anneal-lr", action="store_true", help="keep the learning rate constant")
+    p.add_argument("--gamma", type=float, default=d.gamma, help="discount")
+    p.add_argument("--gae-lambda", type=float, default=d.gae_lambda, help="GAE lambda")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per rollout")
+    p.add_argument("--minibatches", type=int, default=d.minibatches, help="minibatches per epoch")
+    p.add_argument("--clip-coef", type=float, default=d.clip_coef, help="PPO clip")
+    p.add_argument("--ent-coef", type=float, default=d.ent_coef, help="entropy bonus")
+    p.add_argument("--vf-coef", type=float, default=d.vf_coef, help="value loss weight")
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient norm clip")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="evaluate and save every N environment steps (0: about every 20 s)")
+    p.add_argument("--eval-episodes", type=int, default=d.eval_episodes, help="greedy evaluation games")
+    p.add_argument("--resume", help="continue from a version of --name: a number or 'latest'")
+    p.add_argument("--log-dir", help="CSV and PNG directory (default <models>/<name>/logs)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free port)")
+    p.add_argument("--metrics-addr", default=d.metrics_addr, help="address for the metrics endpoint")
+    p.add_argument("--pushgateway", help="Prometheus Pushgateway URL, pushed at each evaluation and at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="win rate of a stored model (or a scripted baseline) over many games",
+                       description="Play --episodes games at once (BattleSim with --seed) and count the first "
+                                   "episode of each; greedy unless --sample. `phalanx play --games N --seed S` "
+                                   "against the service reproduces the greedy games action for action.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", help="model repository root")
+    p.add_argument("--name", help="model name in the repository")
+    p.add_argument("--version", type=int, help="model version (default: the newest)")
+    p.add_argument("--scenario", required=True, help="scenario name")
+    p.add_argument("--scenario-file", action="append", default=[], metavar="FILE", help="extra TOML scenario file")
+    p.add_argument("--episodes", type=int, default=256, help="games (the first episode of each)")
+    p.add_argument("--seed", type=int, default=0, help="game seed: game i uses seed + i")
+    p.add_argument("--sample", action="store_true", help="sample actions instead of taking the argmax")
+    p.add_argument("--policy", choices=BASELINE_NAMES, help="evaluate this scripted baseline instead of a model")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    p.set_defaults(func=cmd_eval)
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"phalanx {command}: {message}", file=sys.stderr)
+    return 2
+
+
+# --- train ----------------------------------------------------------------------------------------------------
+
+def train_config_from_args(args) -> "TrainConfig":
+    from trainer.ppo import TrainConfig
+
+    return TrainConfig(
+        models=args.models, name=args.name, scenario=args.scenario, scenario_files=tuple(args.scenario_file),
+        sharing=args.sharing, critic=args.critic, hidden=args.hidden, agent_id=args.agent_id,
+        unit_type=args.unit_type, recurrent=args.recurrent, envs=args.envs, rollout=args.rollout, steps=args.steps,
+        minutes=args.minutes, target_win_rate=args.target_win_rate, seed=args.seed, device=args.device,
+        threads=args.threads, lr=args.lr, anneal_lr=not args.no_anneal_lr, gamma=args.gamma,
+        gae_lambda=args.gae_lambda, epochs=args.epochs, minibatches=args.minibatches, clip_coef=args.clip_coef,
+        ent_coef=args.ent_coef, vf_coef=args.vf_coef, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
+        eval_episodes=args.eval_episodes, resume=args.resume, log_dir=args.log_dir, metrics_port=args.metrics_port,
+        metrics_addr=args.metrics_addr, pushgateway=args.pushgateway, progress=not args.no_progress)
+
+
+def cmd_train(args) -> int:
+    import torch.distributed as dist
+
+    from trainer.ppo import TrainError, setup_distributed, train
+    from trainer.repository import ModelLoadError
+    from trainer.sim import load_scenario
+    from trainer.train_metrics import TrainMetrics
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = train_config_from_args(args)
+        load_scenario(cfg.scenario, files=cfg.scenario_files)  # an unknown scenario fails before anything starts
+    except (TrainError, ScenarioError) as e:
+        return _fail("train", str(e))
+    rank, world, cfg.device = setup_distributed(cfg.device)
+    metrics = None
+    try:
+        if rank == 0 and (cfg.metrics_port is not None or cfg.pushgateway):
+            metrics = TrainMetrics(scenario=cfg.scenario, model=cfg.name, pushgateway=cfg.pushgateway)
+            if cfg.metrics_port is not None:
+                try:
+                    port = metrics.serve(cfg.metrics_port, cfg.metrics_addr)
+                except OSError as e:
+                    return _fail("train", f"--metrics-port {cfg.metrics_port}: cannot listen on "
+                                          f"{cfg.metrics_addr}:{cfg.metrics_port}: {e}")
+                print(f"metrics on http://{cfg.metrics_addr}:{port}/metrics", file=sys.stderr)
+        try:
+            result = train(cfg, metrics=metrics)
+        except (TrainError, ScenarioError, ModelLoadError) as e:
+            return _fail("train", str(e))
+        if metrics is not None:
+            metrics.push()
+        if rank == 0:
+            print(json.dumps(result.summary))
+        return 0
+    finally:
+        if metrics is not None:
+            metrics.close()
+        if world > 1 and dist.is_initialized():
+            dist.barrier()  # rank 0 may still be plotting: leave together, or gloo aborts the slower rank
+            dist.destroy_process_group()
+
+
+# --- eval -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalConfig:
+    """One `phalanx eval` run, parsed once from the flags."""
+
+    scenario: str
+    """Scenario to play."""
+    episodes: int = 256
+    """Games played at once; the first episode of each counts."""
+    seed: int = 0
+    """Game i uses seed + i (and sampling uses a generator seeded with seed)."""
+    greedy: bool = True
+    """Argmax actions (False: sample)."""
+    baseline: str | None = None
+    """A scripted baseline to evaluate instead of a model."""
+    models: str | None = None
+    """Model repository root (for a model)."""
+    name: str | None = None
+    """Model name (for a model)."""
+    version: int | None = None
+    """Model version (None: the newest)."""
+    scenario_files: tuple[str, ...] = ()
+    """Extra TOML scenario files."""
+    device: str = "cpu"
+    """cpu or cuda[:N]."""
+    threads: int = 1
+    """torch CPU threads (0: torch's default)."""
+
+    def __post_init__(self):
+        if self.episodes < 1:
+            raise ValueError(f"--episodes must be >= 1, got {self.episodes}")
+        if self.baseline is None and (not self.models or not self.name):
+            raise ValueError("give --models and --name to evaluate a model, or --policy for a scripted baseline")
+        if self.baseline is not None and self.baseline not in BASELINE_NAMES:
+            raise ValueError(f"--policy must be one of {', '.join(BASELINE_NAMES)}, got {self.baseline!r}")
+        if self.version is not None and self.version < 1:
+            raise ValueError(f"--version must be a positive integer, got {self.version}")
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0, got {self.threads}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from trainer.ppo import evaluate
+    from trainer.repository import ModelLoadError, ModelRepository
+    from trainer.sim import load_scenario
+
+    try:
+        cfg = EvalConfig(scenario=args.scenario, episodes=args.episodes, seed=args.seed, greedy=not args.sample,
+                         baseline=args.policy, models=args.models, name=args.name, version=args.version,
+                         scenario_files=tuple(args.scenario_file), device=args.device, threads=args.threads)
+        sc = load_scenario(cfg.scenario, files=cfg.scenario_files)
+    except (ValueError, ScenarioError) as e:
+        return _fail("eval", str(e))
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        return _fail("eval", "--device cuda was asked for, but torch sees no CUDA device")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    head: dict = {"scenario": sc.name, "seed": cfg.seed, "greedy": cfg.greedy}
+    policy = None
+    if cfg.baseline is not None:
+        head["policy"] = cfg.baseline
+    else:
+        try:
+            loaded = ModelRepository(cfg.models).load(cfg.name, cfg.version, device=cfg.device)
+        except ModelLoadError as e:
+            return _fail("eval", str(e))
+        spec = loaded.card["spec"]
+        if spec["hash"] != sc.spec_hash:
+            return _fail("eval", f"model {cfg.name!r} version {loaded.version} was trained on spec "
+                                 f"{spec['name']!r} (hash {spec['hash']}); scenario {sc.name!r} has spec hash "
+                                 f"{sc.spec_hash}: refusing to evaluate it there")
+        policy = loaded.policy
+        head.update(policy="model", name=cfg.name, version=loaded.version)
+    result = evaluate(policy, sc, cfg.episodes, cfg.seed, greedy=cfg.greedy, baseline=cfg.baseline,
+                      device=cfg.device)
+    print(json.dumps({**head, **result}))
+    return 0

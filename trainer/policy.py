@@ -1,0 +1,324 @@
+"""The shared unit-control policy: one network that every unit runs on its own observation.
+
+Shapes: B rows (one row = one unit at one moment), O = obs_size, S = state_size, N = n_actions,
+A = n_agents, H = hidden, G = number of parameter groups.
+
+Sharing is one code path with the mode as a parameter. Every layer that belongs to "the policy of a unit"
+is a `GroupedLinear` holding G weight matrices; each row picks its matrix by the group id of its unit slot:
+
+- `shared`      G = 1: every slot uses the same parameters (the point of the project);
+- `per-type`    G = number of unit types: group = `agent_type_ids[slot]`;
+- `independent` G = A: group = slot (the baseline that sharing must beat).
+
+Critics:
+- `central` (MAPPO): one value per *game*, from the global state (S,). A server has no global state,
+  so `act` reports value 0.0 for such policies. Every live unit of a game shares its game's advantage.
+- `local` (IPPO): one value per unit from the same inputs as the actor, grouped like the actor.
+
+Values are predicted in normalised units; `value_norm` (running mean/variance of the return targets,
+saved with the weights) turns them back into returns. `act` reports denormalised values.
+
+The optional GRU core (`recurrent=True`) sits in the actor between the input layer and the head; it is for
+training (`actor_sequence`); `act` refuses recurrent policies because a stateless server cannot carry h.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SHARING_MODES = ("shared", "per-type", "independent")
+CRITICS = ("central", "local")
+CONFIG_FORMAT = 1
+_MASKED = -1e9  # logit of a forbidden action: exp() underflows to exactly 0 probability
+
+
+@dataclass
+class ActOutput:
+    action: torch.Tensor  # (B,) int64
+    log_prob: torch.Tensor  # (B,) float32, of the chosen action
+    value: torch.Tensor  # (B,) float32, denormalised local value; 0.0 for a central critic
+
+
+class GroupedLinear(nn.Module):
+    """G independent affine maps; row b of the input uses map `group[b]`.
+
+    x (B, in), group (B,) int64 in 0..G-1 -> (B, out). With G = 1 this is exactly `nn.Linear`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, groups: int, gain: float = math.sqrt(2)):
+        super().__init__()
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(groups, in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(groups, out_features))
+        for g in range(groups):  # orthogonal init per group, as in the PPO implementation details
+            w = torch.empty(out_features, in_features)
+            nn.init.orthogonal_(w, gain)
+            self.weight.data[g] = w.t()
+
+    def forward(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:
+            return torch.addmm(self.bias[0], x, self.weight[0])
+        out = x.new_empty(x.shape[0], self.weight.shape[2])
+        for g in range(self.groups):
+            rows = torch.nonzero(group == g).squeeze(1)
+            if rows.numel():
+                out[rows] = torch.addmm(self.bias[g], x[rows], self.weight[g])
+        return out
+
+
+class GroupedGRUCell(nn.Module):
+    """A GRU cell whose input and hidden maps are `GroupedLinear`: x (B, H_in), h (B, H), group (B,) -> (B, H)."""
+
+    def __init__(self, in_features: int, hidden: int, *, groups: int):
+        super().__init__()
+        self.hidden = hidden
+        self.x_map = GroupedLinear(in_features, 3 * hidden, groups=groups, gain=1.0)
+        self.h_map = GroupedLinear(hidden, 3 * hidden, groups=groups, gain=1.0)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        xr, xz, xn = self.x_map(x, group).chunk(3, 1)
+        hr, hz, hn = self.h_map(h, group).chunk(3, 1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return (1 - z) * n + z * h
+
+
+class ValueNorm(nn.Module):
+    """Running mean and variance of the value targets (a PopArt-lite without rescaling the head).
+
+    Buffers travel with the weights, so a loaded policy denormalises exactly as in training.
+    """
+
+    def __init__(self, beta: float = 0.995, eps: float = 1e-5):
+        super().__init__()
+        self.beta, self.eps = beta, eps
+        self.register_buffer("mean", torch.zeros(()))
+        self.register_buffer("mean_sq", torch.zeros(()))
+        self.register_buffer("debias", torch.zeros(()))
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.debias.clamp(min=self.eps)
+        mean = self.mean / d
+        var = (self.mean_sq / d - mean ** 2).clamp(min=1e-2)
+        return mean, var.sqrt()
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Fold a batch of targets x (any shape) into the running statistics (one decay step per batch)."""
+        self.update_moments(float(x.mean()), float((x.double() ** 2).mean()))
+
+    @torch.no_grad()
+    def update_moments(self, mean: float, mean_sq: float) -> None:
+        """Fold a batch's first and second moments in (under DDP: the moments averaged over ranks)."""
+        w = self.beta
+        self.mean.mul_(w).add_((1 - w) * mean)
+        self.mean_sq.mul_(w).add_((1 - w) * mean_sq)
+        self.debias.mul_(w).add_(1 - w)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self.stats()
+        return (x - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self.stats()
+        return x * std + mean
+
+
+class Policy(nn.Module):
+    """Actor over one unit's observation (masked softmax over its actions) plus a central or local critic.
+
+    Build with named values, or from a card's architecture: `Policy.from_config(policy.config)`.
+    """
+
+    def __init__(self, *, obs_size: int, state_size: int, n_actions: int, n_agents: int,
+                 agent_type_ids: list[int] | tuple[int, ...] | None = None, sharing: str = "shared",
+                 critic: str = "central", hidden: int = 64, agent_id: bool = False, unit_type: bool = False,
+                 recurrent: bool = False):
+        super().__init__()
+        for field, value in (("obs_size", obs_size), ("state_size", state_size), ("n_actions", n_actions),
+                             ("n_agents", n_agents), ("hidden", hidden)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+        if n_actions < 2:
+            raise ValueError(f"n_actions must be >= 2, got {n_actions}")
+        if sharing not in SHARING_MODES:
+            raise ValueError(f"sharing must be one of {', '.join(SHARING_MODES)}; got {sharing!r}")
+        if critic not in CRITICS:
+            raise ValueError(f"critic must be one of {', '.join(CRITICS)}; got {critic!r}")
+        type_ids = [0] * n_agents if agent_type_ids is None else [int(t) for t in agent_type_ids]
+        if len(type_ids) != n_agents or min(type_ids) < 0:
+            raise ValueError(f"agent_type_ids must list one non-negative type index per agent ({n_agents}), "
+                             f"got {list(type_ids)!r}")
+        self.obs_size, self.state_size, self.n_actions, self.n_agents = obs_size, state_size, n_actions, n_agents
+        self.agent_type_ids = type_ids
+        self.n_types = max(type_ids) + 1
+        self.sharing, self.critic, self.hidden = sharing, critic, hidden
+        self.agent_id, self.unit_type, self.recurrent = bool(agent_id), bool(unit_type), bool(recurrent)
+
+        if sharing == "shared":
+            slot_group = [0] * n_agents
+        elif sharing == "per-type":
+            slot_group = type_ids
+        else:
+            slot_group = list(range(n_agents))
+        self.n_groups = max(slot_group) + 1
+        self.register_buffer("slot_group", torch.tensor(slot_group, dtype=torch.int64), persistent=False)
+        self.register_buffer("slot_type", torch.tensor(type_ids, dtype=torch.int64), persistent=False)
+
+        G, H = self.n_groups, hidden
+        self.input_size = obs_size + (n_agents if self.agent_id else 0) + (self.n_types if self.unit_type else 0)
+        self.actor_in = GroupedLinear(self.input_size, H, groups=G)
+        self.actor_core = GroupedGRUCell(H, H, groups=G) if self.recurrent else None
+        self.actor_mid = GroupedLinear(H, H, groups=G)
+        self.actor_head = GroupedLinear(H, n_actions, groups=G, gain=0.01)
+        critic_in, critic_groups = (state_size, 1) if critic == "central" else (self.input_size, G)
+        self.critic_in = GroupedLinear(critic_in, H, groups=critic_groups)
+        self.critic_mid = GroupedLinear(H, H, groups=critic_groups)
+        self.critic_head = GroupedLinear(H, 1, groups=critic_groups, gain=1.0)
+        self.value_norm = ValueNorm()
+
+    # --- configuration ------------------------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        """Plain JSON that rebuilds this architecture: `Policy.from_config(policy.config)`."""
+        return {"format": CONFIG_FORMAT, "obs_size": self.obs_size, "state_size": self.state_size,
+                "n_actions": self.n_actions, "n_agents": self.n_agents,
+                "agent_type_ids": list(self.agent_type_ids), "sharing": self.sharing, "critic": self.critic,
+                "hidden": self.hidden, "agent_id": self.agent_id, "unit_type": self.unit_type,
+                "recurrent": self.recurrent}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Policy":
+        if not isinstance(config, dict):
+            raise ValueError(f"policy config must be a JSON object, got {type(config).__name__}")
+        config = dict(config)
+        fmt = config.pop("format", CONFIG_FORMAT)
+        if fmt != CONFIG_FORMAT:
+            raise ValueError(f"policy config format {fmt!r} is not supported (expected {CONFIG_FORMAT})")
+        allowed = {"obs_size", "state_size", "n_actions", "n_agents", "agent_type_ids", "sharing", "critic",
+                   "hidden", "agent_id", "unit_type", "recurrent"}
+        unknown = sorted(set(config) - allowed)
+        if unknown:
+            raise ValueError(f"policy config has unknown keys: {', '.join(unknown)}")
+        missing = sorted({"obs_size", "state_size", "n_actions", "n_agents"} - set(config))
+        if missing:
+            raise ValueError(f"policy config lacks required keys: {', '.join(missing)}")
+        return cls(**config)
+
+    @classmethod
+    def for_scenario(cls, scenario, **kwargs) -> "Policy":
+        """A policy sized for a `trainer.sim.Scenario`; kwargs are the architecture switches."""
+        return cls(obs_size=scenario.obs_size, state_size=scenario.state_size, n_actions=scenario.n_actions,
+                   n_agents=scenario.n_agents, agent_type_ids=scenario.agent_type_ids, **kwargs)
+
+    # --- building blocks ----------------------------------------------------------------------------------
+    def features(self, obs: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+        """obs (B, O), unit (B,) slot -> actor input (B, input_size): obs [+ agent-id one-hot] [+ type one-hot]."""
+        parts = [obs]
+        if self.agent_id:
+            parts.append(nn.functional.one_hot(unit, self.n_agents).to(obs.dtype))
+        if self.unit_type:
+            parts.append(nn.functional.one_hot(self.slot_type[unit], self.n_types).to(obs.dtype))
+        return torch.cat(parts, 1) if len(parts) > 1 else obs
+
+    def actor_step(self, obs: torch.Tensor, mask: torch.Tensor, unit: torch.Tensor,
+                   h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One step of the actor. obs (B, O), mask (B, N) bool, unit (B,), h (B, H) or None ->
+        masked logits (B, N) (forbidden actions at -1e9), next hidden (B, H) or None."""
+        group = self.slot_group[unit]
+        x = torch.relu(self.actor_in(self.features(obs, unit), group))
+        if self.actor_core is not None:
+            if h is None:
+                h = x.new_zeros(x.shape[0], self.hidden)
+            h = self.actor_core(x, h, group)
+            x = h
+        x = torch.relu(self.actor_mid(x, group))
+        logits = self.actor_head(x, group)
+        return logits.masked_fill(~mask, _MASKED), h
+
+    def actor_sequence(self, obs: torch.Tensor, mask: torch.Tensor, unit: torch.Tensor, h0: torch.Tensor,
+                       starts: torch.Tensor) -> torch.Tensor:
+        """The recurrent actor over a rollout. obs (T, B, O), mask (T, B, N), unit (B,), h0 (B, H) the hidden
+        state before step 0, starts (T, B) bool: a new episode begins at that step (h is zeroed first).
+        -> masked logits (T, B, N)."""
+        out = []
+        h = h0
+        for t in range(obs.shape[0]):
+            h = h * (~starts[t]).unsqueeze(1).to(h.dtype)
+            logits, h = self.actor_step(obs[t], mask[t], unit, h)
+            out.append(logits)
+        return torch.stack(out)
+
+    def value(self, x: torch.Tensor, unit: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised value. Central: x = state (B, S), unit ignored. Local: x = obs (B, O), unit (B,). -> (B,)"""
+        if self.critic == "central":
+            group = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+            inp = x
+        else:
+            if unit is None:
+                raise ValueError("a local critic needs the unit slot of every row")
+            group = self.slot_group[unit]
+            inp = self.features(x, unit)
+        v = torch.relu(self.critic_in(inp, group))
+        v = torch.relu(self.critic_mid(v, group))
+        return self.critic_head(v, group).squeeze(1)
+
+    def forward(self, obs: torch.Tensor, mask: torch.Tensor, unit: torch.Tensor, v_in: torch.Tensor,
+                v_unit: torch.Tensor | None = None, h0: torch.Tensor | None = None,
+                starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training forward (what DistributedDataParallel wraps): masked logits and normalised values.
+
+        Feed-forward: obs (B, O), mask (B, N), unit (B,) -> logits (B, N). Recurrent (h0 given): obs (T, B, O),
+        mask (T, B, N), unit (B,), h0 (B, H), starts (T, B) -> logits (T, B, N). Values: `value(v_in, v_unit)`.
+        """
+        if h0 is not None:
+            if starts is None:
+                raise ValueError("a recurrent forward needs `starts` with h0")
+            logits = self.actor_sequence(obs, mask, unit, h0, starts)
+        else:
+            logits, _ = self.actor_step(obs, mask, unit)
+        return logits, self.value(v_in, v_unit)
+
+    # --- serving ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, mask: torch.Tensor, unit: torch.Tensor, greedy: torch.Tensor,
+            generator: torch.Generator | None = None) -> ActOutput:
+        """Choose actions for B units. obs (B, O) float32, mask (B, N) bool, unit (B,) int64 slot,
+        greedy (B,) bool: argmax where true, a sample where false. -> ActOutput of (B,) tensors."""
+        if self.recurrent:
+            raise ValueError("this policy is recurrent (GRU core): act() needs no hidden state, so it cannot "
+                             "serve it; train a feed-forward policy (recurrent=False) to serve")
+        B = obs.shape[0]
+        if obs.dim() != 2 or obs.shape[1] != self.obs_size:
+            raise ValueError(f"obs must have shape (B, {self.obs_size}), got {tuple(obs.shape)}")
+        if mask.shape != (B, self.n_actions) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor of shape ({B}, {self.n_actions}), "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        if unit.shape != (B,) or greedy.shape != (B,):
+            raise ValueError(f"unit and greedy must have shape ({B},), got {tuple(unit.shape)} and "
+                             f"{tuple(greedy.shape)}")
+        if B and (int(unit.min()) < 0 or int(unit.max()) >= self.n_agents):
+            raise ValueError(f"unit slots must lie in 0..{self.n_agents - 1}, got {unit.tolist()}")
+        if B and not bool(mask.any(1).all()):
+            row = int(torch.nonzero(~mask.any(1))[0])
+            raise ValueError(f"the action mask of row {row} allows no action")
+        logits, _ = self.actor_step(obs, mask, unit.long())
+        log_probs = torch.log_softmax(logits, 1)
+        if B:
+            sampled = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
+        else:
+            sampled = torch.zeros(0, dtype=torch.int64, device=obs.device)
+        action = torch.where(greedy, logits.argmax(1), sampled)
+        log_prob = log_probs.gather(1, action[:, None]).squeeze(1)
+        if self.critic == "local":
+            value = self.value_norm.denormalize(self.value(obs, unit.long()))
+        else:
+            value = torch.zeros(B, device=obs.device)
+        return ActOutput(action, log_prob, value)

@@ -1,0 +1,613 @@
+"""PPO over the pooled experience of every unit: collect, advantages, update, log, save.
+
+One iteration, top to bottom in `train`:
+
+1. collect  E games x T steps with the current policy; every unit's step is one sample
+2. GAE      central critic: one team advantage per game step, shared by that game's live units;
+            local critic: one advantage per unit (a unit's death ends its own trajectory)
+3. update   K epochs x M minibatches of the pooled samples; loss = mean over live units' samples
+            (dead units are masked out), clipped policy loss + clipped value loss - entropy bonus
+4. log      tqdm, CSV curve, Prometheus; greedy evaluation every `eval_every` steps
+5. save     a model version at every evaluation and at the end (rank 0 only)
+
+Shapes: T rollout steps, E games, A agents, O obs, S state, N actions, H hidden.
+Under `torchrun` the same function runs on every rank: each rank plays its own games (its own seeds),
+DistributedDataParallel all-reduces the gradients, and rank 0 alone evaluates, logs and writes versions.
+Timeouts are treated as terminal (SMAC's convention: the time limit is part of the task).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.policy import CRITICS, SHARING_MODES, Policy
+from trainer.repository import ModelRepository, check_name
+from trainer.sim import BattleSim, load_scenario
+
+
+class TrainError(ValueError):
+    """A training option or input broke a rule; the message names it."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one `phalanx train` run needs, parsed once at the CLI edge."""
+
+    models: str
+    """Model repository root; versions go to <models>/<name>/<version>/."""
+    name: str
+    """Model name inside the repository."""
+    scenario: str = "3m"
+    """Scenario to train on (see `phalanx scenarios`)."""
+    scenario_files: tuple[str, ...] = ()
+    """Extra TOML scenario files."""
+    sharing: str = "shared"
+    """Parameter sharing: shared (one network), per-type (one per unit type), independent (one per slot)."""
+    critic: str = "central"
+    """central: MAPPO critic on the global state, one value per game; local: IPPO critic on each unit's obs."""
+    hidden: int = 64
+    """Width of every hidden layer."""
+    agent_id: bool = False
+    """Append the unit slot's one-hot to the actor's (and a local critic's) input."""
+    unit_type: bool = False
+    """Append the unit type's one-hot to the actor's input."""
+    recurrent: bool = False
+    """Put a GRU core in the actor (training only: the service cannot serve recurrent policies)."""
+    envs: int = 512
+    """Games played at once per rank."""
+    rollout: int = 8
+    """Steps per game per iteration (T)."""
+    steps: int | None = None
+    """Budget in environment steps (game steps summed over all games and ranks)."""
+    minutes: float | None = None
+    """Budget in wall-clock minutes (default 10 when neither budget is given)."""
+    target_win_rate: float | None = None
+    """Stop as soon as a greedy evaluation reaches this win rate."""
+    seed: int = 0
+    """Seed of the network init and of the evaluation games; training games use other seeds per rank."""
+    device: str = "cpu"
+    """cpu or cuda (cuda:N)."""
+    threads: int = 1
+    """torch CPU threads (0: torch's default). 1 is fastest for these small networks, and far faster when
+    the cores are shared: OpenMP threads that wait on busy cores spin and stall every op."""
+    lr: float = 5e-4
+    """Adam learning rate at the start; annealed linearly to 0 over the budget when anneal_lr."""
+    anneal_lr: bool = True
+    """Anneal the learning rate linearly over the budget (steps or minutes)."""
+    gamma: float = 0.99
+    """Discount."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    epochs: int = 10
+    """Passes over each rollout (K)."""
+    minibatches: int = 2
+    """Minibatches per epoch (M)."""
+    clip_coef: float = 0.2
+    """PPO ratio clip."""
+    clip_vloss: bool = True
+    """Clip the value update around the old prediction (in normalised units)."""
+    ent_coef: float = 0.05
+    """Entropy bonus. High on purpose: the simulator is nearly deterministic, and with 0.01 the policy turns
+    deterministic within ~100k steps and stalls at 40-80% on 3m; 0.05 keeps exploring, and the annealed
+    learning rate lets the greedy policy settle at the end of the budget."""
+    vf_coef: float = 0.5
+    """Value loss weight."""
+    max_grad_norm: float = 10.0
+    """Global gradient-norm clip."""
+    eval_every: int = 0
+    """Evaluate (and save a version) every this many environment steps; 0: auto (about every 20 s)."""
+    eval_episodes: int = 256
+    """Greedy evaluation games (the first episode of each)."""
+    resume: str | None = None
+    """A version of <name> to continue from: an integer or 'latest'."""
+    log_dir: str | None = None
+    """Where the CSV curve and PNG plot go (default: <models>/<name>/logs)."""
+    metrics_port: int | None = None
+    """Serve Prometheus /metrics on this port while training (0: any free port)."""
+    metrics_addr: str = "127.0.0.1"
+    """Address the metrics endpoint binds."""
+    pushgateway: str | None = None
+    """Prometheus Pushgateway URL: metrics are pushed at each evaluation and at the end."""
+    progress: bool = True
+    """Show a tqdm progress bar on stderr (without it, one line per evaluation is printed there)."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        check = [
+            (self.sharing in SHARING_MODES, f"--sharing must be one of {', '.join(SHARING_MODES)}, got {self.sharing!r}"),
+            (self.critic in CRITICS, f"--critic must be one of {', '.join(CRITICS)}, got {self.critic!r}"),
+            (self.hidden >= 1, f"--hidden must be >= 1, got {self.hidden}"),
+            (self.envs >= 1, f"--envs must be >= 1, got {self.envs}"),
+            (self.rollout >= 1, f"--rollout must be >= 1, got {self.rollout}"),
+            (self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.minutes is None or self.minutes > 0, f"--minutes must be > 0, got {self.minutes}"),
+            (self.target_win_rate is None or 0 < self.target_win_rate <= 1,
+             f"--target-win-rate must lie in (0, 1], got {self.target_win_rate}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (0 <= self.gamma <= 1, f"--gamma must lie in [0, 1], got {self.gamma}"),
+            (0 <= self.gae_lambda <= 1, f"--gae-lambda must lie in [0, 1], got {self.gae_lambda}"),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.minibatches >= 1, f"--minibatches must be >= 1, got {self.minibatches}"),
+            (self.clip_coef > 0, f"--clip-coef must be > 0, got {self.clip_coef}"),
+            (self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm}"),
+            (self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}"),
+            (self.eval_episodes >= 1, f"--eval-episodes must be >= 1, got {self.eval_episodes}"),
+            (self.threads >= 0, f"--threads must be >= 0, got {self.threads}"),
+            (self.metrics_port is None or 0 <= self.metrics_port <= 65535,
+             f"--metrics-port must lie in 0..65535, got {self.metrics_port}"),
+            (self.resume is None or self.resume == "latest" or (self.resume.isdigit() and int(self.resume) > 0),
+             f"--resume must be a positive version number or 'latest', got {self.resume!r}"),
+            (self.device == "cpu" or self.device.startswith("cuda"), f"--device must be cpu or cuda[:N], got {self.device!r}"),
+        ]
+        for ok, message in check:
+            if not ok:
+                raise TrainError(message)
+        try:
+            check_name(self.name)
+        except ValueError as e:
+            raise TrainError(f"--name: {e}") from None
+
+
+# --- the loss -------------------------------------------------------------------------------------------------
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return x.mean()
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+def ppo_loss(model: nn.Module, mb: dict, *, clip_coef: float, vf_coef: float, ent_coef: float,
+             clip_vloss: bool) -> tuple[torch.Tensor, dict]:
+    """The PPO loss of one minibatch; every term is a mean over the live units' samples.
+
+    mb (rows R for the actor, R' for the critic):
+      obs (R, O), mask (R, N) bool, unit (R,), actions (R,), old_log_prob (R,), advantages (R,), active (R,) bool;
+      recurrent actor: obs (T, B, O), mask (T, B, N), unit (B,), h0 (B, H), starts (T, B) and the per-row
+      entries shaped (T, B);
+      critic: `state` (R', S) for a central critic (returns and old_values then have R' rows), otherwise the
+      actor's rows; returns = normalised value targets, old_values = normalised predictions at collection.
+    `model` is the Policy or a DistributedDataParallel wrapping it (its forward gives logits and values).
+    """
+    central = "state" in mb
+    v_in = mb["state"] if central else (mb["obs"] if "h0" not in mb else mb["obs"].flatten(0, 1))
+    v_unit = None if central else (mb["unit"] if "h0" not in mb else mb["unit"].expand(mb["obs"].shape[0], -1).flatten())
+    logits, newvalue = model(mb["obs"], mb["mask"], mb["unit"], v_in, v_unit, mb.get("h0"), mb.get("starts"))
+    logits = logits.reshape(-1, logits.shape[-1])
+    active = mb["active"].reshape(-1)
+    log_probs = torch.log_softmax(logits, 1)
+    newlogprob = log_probs.gather(1, mb["actions"].reshape(-1, 1)).squeeze(1)
+    entropy = -(log_probs.exp() * log_probs).sum(1)  # masked actions: p = 0 exactly, so they add 0
+    logratio = newlogprob - mb["old_log_prob"].reshape(-1)
+    ratio = logratio.exp()
+    adv = mb["advantages"].reshape(-1)
+
+    pg_loss = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)), active)
+    v_active = None if central else active
+    returns, old_values = mb["returns"].reshape(-1), mb["old_values"].reshape(-1)
+    v_loss_unclipped = (newvalue - returns) ** 2
+    if clip_vloss:
+        v_clipped = old_values + (newvalue - old_values).clamp(-clip_coef, clip_coef)
+        v_loss = 0.5 * masked_mean(torch.max(v_loss_unclipped, (v_clipped - returns) ** 2), v_active)
+    else:
+        v_loss = 0.5 * masked_mean(v_loss_unclipped, v_active)
+    entropy_loss = masked_mean(entropy, active)
+    loss = pg_loss - ent_coef * entropy_loss + vf_coef * v_loss
+    with torch.no_grad():
+        stats = {"pg_loss": pg_loss.detach(), "v_loss": v_loss.detach(), "entropy": entropy_loss.detach(),
+                 "approx_kl": masked_mean((ratio - 1) - logratio, active),
+                 "clipfrac": masked_mean(((ratio - 1).abs() > clip_coef).float(), active)}
+    return loss, stats
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, next_value: torch.Tensor, dones: torch.Tensor, gamma: float,
+        lam: float) -> torch.Tensor:
+    """Generalised advantage estimates. rewards, values, dones (T, *B) (dones[t]: the trajectory ended with
+    step t), next_value (*B) the value after the last step -> advantages (T, *B)."""
+    T = rewards.shape[0]
+    advantages = torch.zeros_like(values)
+    lastgaelam = torch.zeros_like(next_value)
+    for t in reversed(range(T)):
+        nextvalues = next_value if t == T - 1 else values[t + 1]
+        nonterminal = 1.0 - dones[t].to(values.dtype)
+        delta = rewards[t] + gamma * nextvalues * nonterminal - values[t]
+        lastgaelam = delta + gamma * lam * nonterminal * lastgaelam
+        advantages[t] = lastgaelam
+    return advantages
+
+
+# --- evaluation (shared with `phalanx eval`; `phalanx play` reproduces it through the service) ---------------
+
+@torch.no_grad()
+def evaluate(policy: Policy | None, scenario, episodes: int, seed: int, *, greedy: bool = True,
+             baseline: str | None = None, device: str | torch.device = "cpu") -> dict:
+    """Play `episodes` games at once, BattleSim(scenario, episodes, seed=seed) after reset(), and count the
+    first episode of each. Actions: `policy.act` over every agent slot (dead agents' masks force no-op),
+    greedy or sampled (a generator seeded with `seed`), or a scripted `baseline` from trainer.sim.baselines.
+    -> {win_rate, episodes, mean_return, mean_length, mean_allies_left, mean_enemies_left, timeouts}."""
+    from trainer.sim.baselines import BASELINES
+
+    sim = BattleSim(scenario, episodes, seed=seed, device=device)
+    out = sim.reset()
+    A = scenario.n_agents
+    unit = torch.arange(A, device=sim.device).repeat(episodes)
+    greedy_t = torch.full((episodes * A,), greedy, dtype=torch.bool, device=sim.device)
+    gen = torch.Generator(device=sim.device).manual_seed(seed)
+    finished = torch.zeros(episodes, dtype=torch.bool, device=sim.device)
+    keys = ("won", "timeout", "episode_return", "episode_length", "allies_left", "enemies_left")
+    result = {k: torch.zeros(episodes, dtype=torch.float32, device=sim.device) for k in keys}
+    was_training = policy.training if policy is not None else False
+    if policy is not None:
+        policy.eval()
+    h = None
+    while not bool(finished.all()):
+        obs, mask = out.obs.reshape(episodes * A, -1), out.avail.reshape(episodes * A, -1)
+        if baseline is not None:
+            actions = BASELINES[baseline](sim, generator=gen)
+        elif policy.recurrent:  # the trainer's own view: carry each unit's hidden state, zeroed at episode starts
+            if h is not None:
+                h = h * (~out.done).repeat_interleave(A).unsqueeze(1).to(h.dtype)
+            logits, h = policy.actor_step(obs, mask, unit, h)
+            sampled = torch.multinomial(torch.softmax(logits, 1), 1, generator=gen).squeeze(1)
+            actions = (logits.argmax(1) if greedy else sampled).reshape(episodes, A)
+        else:
+            actions = policy.act(obs, mask, unit, greedy_t, generator=gen).action.reshape(episodes, A)
+        out = sim.step(actions)
+        first = out.done & ~finished
+        for k in keys:
+            result[k] = torch.where(first, getattr(out, k).to(torch.float32), result[k])
+        finished |= out.done
+    if policy is not None and was_training:
+        policy.train()
+    return {"win_rate": float(result["won"].mean()), "episodes": episodes,
+            "mean_return": float(result["episode_return"].mean()),
+            "mean_length": float(result["episode_length"].mean()),
+            "mean_allies_left": float(result["allies_left"].mean()),
+            "mean_enemies_left": float(result["enemies_left"].mean()),
+            "timeouts": int(result["timeout"].sum())}
+
+
+# --- the learner ------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    summary: dict
+    policy: Policy
+    history: list[dict] = field(default_factory=list)
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup_distributed(device: str) -> tuple[int, int, str]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on GPU.
+    Returns (rank, world_size, device), the device pinned to LOCAL_RANK on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
+    """Run PPO as configured; returns the summary (also the CLI's final JSON line), the policy and the curve.
+    `metrics` is a `trainer.train_metrics.TrainMetrics` (or None): updated every iteration, pushed at evals."""
+    (rank, world), device = _dist_info(), cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainError("--device cuda was asked for, but torch sees no CUDA device")
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    sc = load_scenario(cfg.scenario, files=cfg.scenario_files)
+    repo = ModelRepository(cfg.models)
+    minutes = cfg.minutes if (cfg.minutes is not None or cfg.steps is not None) else 10.0
+    torch.manual_seed(cfg.seed)
+
+    # --- the policy: fresh, or resumed from a stored version -----------------------------------------------
+    start_step, resumed_from = 0, None
+    if cfg.resume is not None:
+        version = repo.latest(cfg.name) if cfg.resume == "latest" else int(cfg.resume)
+        if version is None:
+            raise TrainError(f"--resume latest: model {cfg.name!r} has no version under {cfg.models}")
+        loaded = repo.load(cfg.name, version)
+        if loaded.card["spec"]["hash"] != sc.spec_hash:
+            raise TrainError(f"--resume: version {version} of {cfg.name!r} was trained on spec "
+                             f"{loaded.card['spec']['name']} ({loaded.card['spec']['hash']}), not on scenario "
+                             f"{sc.name} ({sc.spec_hash})")
+        policy, start_step, resumed_from = loaded.policy, int(loaded.card["step"]), version
+    else:
+        policy = Policy.for_scenario(sc, sharing=cfg.sharing, critic=cfg.critic, hidden=cfg.hidden,
+                                     agent_id=cfg.agent_id, unit_type=cfg.unit_type, recurrent=cfg.recurrent)
+    policy = policy.to(device).train()
+    model: nn.Module = policy
+    if world > 1:
+        # buffers (the value normaliser) stay in step because every rank folds in the same all-reduced moments
+        model = nn.parallel.DistributedDataParallel(policy, forward_sync_buffers=False,
+                                                    find_unused_parameters=policy.n_groups > 1)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+
+    # --- sizes and storage ------------------------------------------------------------------------------
+    E, T, A = cfg.envs, cfg.rollout, sc.n_agents
+    O, S, N, H = sc.obs_size, sc.state_size, sc.n_actions, policy.hidden
+    central = policy.critic == "central"
+    sim = BattleSim(sc, E, seed=cfg.seed + 1_000_000 * (rank + 1), device=device, check_actions=False)
+    dev = sim.device
+    unit_flat = torch.arange(A, device=dev).repeat(E)  # (E*A,) slot of each row
+    steps_per_iter = E * T * world
+    eval_every = cfg.eval_every or None  # None: by time (about every 20 s)
+    budget_steps = cfg.steps
+
+    b_obs = torch.zeros(T, E, A, O, device=dev)
+    b_mask = torch.zeros(T, E, A, N, dtype=torch.bool, device=dev)
+    b_alive = torch.zeros(T, E, A, dtype=torch.bool, device=dev)
+    b_actions = torch.zeros(T, E, A, dtype=torch.int64, device=dev)
+    b_logprob = torch.zeros(T, E, A, device=dev)
+    b_state = torch.zeros(T, E, S, device=dev)
+    b_values = torch.zeros((T, E) if central else (T, E, A), device=dev)  # normalised critic outputs
+    b_reward = torch.zeros(T, E, device=dev)
+    b_done = torch.zeros(T, E, dtype=torch.bool, device=dev)
+    b_unit_done = torch.zeros(T, E, A, dtype=torch.bool, device=dev)
+    b_start = torch.zeros(T, E, dtype=torch.bool, device=dev)
+
+    # --- logging (rank 0) -------------------------------------------------------------------------------
+    log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(cfg.models) / cfg.name / "logs"
+    csv_path = log_dir / f"{cfg.name}-{cfg.scenario}.csv"
+    history: list[dict] = []
+    bar = None
+    if rank == 0:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=budget_steps, unit="step", unit_scale=True, dynamic_ncols=True, file=sys.stderr,
+                       desc=f"train {sc.name}", mininterval=1.0)
+
+    out = sim.reset()
+    h = torch.zeros(E * A, H, device=dev) if policy.recurrent else None
+    starts = torch.ones(E, dtype=torch.bool, device=dev)
+    global_step, samples = start_step, 0
+    t0 = time.perf_counter()
+    last_eval_step, last_eval_time = global_step, t0
+    best_win, last_eval, version, stop_reason = None, None, resumed_from, "budget"
+    ep_wins, ep_returns, ep_count = 0.0, 0.0, 0
+    iter_stats: dict[str, float] = {}
+    stop_next = False  # rank 0's decision, taken right after an evaluation so the last version is always saved
+
+    def budget_fraction() -> float:
+        frac = 0.0
+        if budget_steps:
+            frac = max(frac, (global_step - start_step) / budget_steps)
+        if minutes:
+            frac = max(frac, (time.perf_counter() - t0) / (60 * minutes))
+        return frac
+
+    while True:
+        # --- agree on lr and stopping (rank 0 decides: its clock and its evaluation) ----------------------
+        control = torch.tensor([budget_fraction(), float(stop_next)], dtype=torch.float64)
+        if world > 1:
+            dist.broadcast(control, 0)
+        frac, stop = float(control[0]), bool(control[1])
+        if stop:
+            break
+        lr = cfg.lr * max(1.0 - frac, 0.0) if cfg.anneal_lr else cfg.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        h0 = h.clone() if h is not None else None
+
+        # --- 1. collect: every unit of every game acts on its own observation -------------------------------
+        policy.eval()
+        with torch.no_grad():
+            for t in range(T):
+                b_obs[t], b_mask[t], b_alive[t], b_state[t], b_start[t] = out.obs, out.avail, out.alive, out.state, starts
+                if h is not None:
+                    h = h * (~starts).repeat_interleave(A).unsqueeze(1).to(h.dtype)
+                logits, h = policy.actor_step(out.obs.reshape(E * A, O), out.avail.reshape(E * A, N), unit_flat, h)
+                log_probs = torch.log_softmax(logits, 1)
+                gumbel = -torch.log(-torch.log(torch.rand_like(log_probs).clamp(min=1e-20)))
+                action = (log_probs + gumbel).argmax(1)  # a sample from the masked softmax
+                b_actions[t] = action.reshape(E, A)
+                b_logprob[t] = log_probs.gather(1, action[:, None]).reshape(E, A)
+                b_values[t] = policy.value(out.state) if central else policy.value(
+                    out.obs.reshape(E * A, O), unit_flat).reshape(E, A)
+                alive_before = out.alive
+                out = sim.step(b_actions[t])
+                b_reward[t], b_done[t] = out.reward, out.done
+                b_unit_done[t] = out.done[:, None] | (alive_before & ~out.alive)
+                starts = out.done
+                if bool(out.done.any()):
+                    d = out.done
+                    ep_wins += float(out.won[d].sum())
+                    ep_returns += float(out.episode_return[d].sum())
+                    ep_count += int(d.sum())
+            next_value = policy.value(out.state) if central else policy.value(
+                out.obs.reshape(E * A, O), unit_flat).reshape(E, A)
+        policy.train()
+
+        # --- 2. advantages: GAE on denormalised values; targets re-normalised with updated statistics ---------
+        with torch.no_grad():
+            values = policy.value_norm.denormalize(b_values)
+            next_v = policy.value_norm.denormalize(next_value)
+            rewards = b_reward if central else b_reward[:, :, None].expand(T, E, A)
+            advantages = gae(rewards, values, next_v, b_done if central else b_unit_done, cfg.gamma, cfg.gae_lambda)
+            returns = advantages + values
+            target_rows = returns if central else returns[b_alive]
+            moments = torch.stack([target_rows.mean(), (target_rows ** 2).mean()]).double()
+            if world > 1:
+                dist.all_reduce(moments)
+                moments /= world
+            policy.value_norm.update_moments(float(moments[0]), float(moments[1]))
+            b_returns_n = policy.value_norm.normalize(returns)
+            unit_adv = advantages[:, :, None].expand(T, E, A) if central else advantages
+            live_adv = unit_adv[b_alive]
+            unit_adv = (unit_adv - live_adv.mean()) / (live_adv.std() + 1e-8)  # normalised over live samples
+
+        # --- 3. update: K epochs of M minibatches over the pooled live-unit samples -----------------------
+        M = cfg.minibatches
+        if policy.recurrent:  # sequences of whole rollouts per unit; minibatches split the units
+            seq = dict(obs=b_obs.reshape(T, E * A, O), mask=b_mask.reshape(T, E * A, N),
+                       active=b_alive.reshape(T, E * A), actions=b_actions.reshape(T, E * A),
+                       old_log_prob=b_logprob.reshape(T, E * A), advantages=unit_adv.reshape(T, E * A),
+                       starts=b_start.repeat_interleave(A, dim=1))
+            n_actor = E * A
+        else:  # flat rows; dead units' samples are dropped (masked out of the loss)
+            live = b_alive.reshape(-1)
+            rows = dict(obs=b_obs.reshape(-1, O)[live], mask=b_mask.reshape(-1, N)[live],
+                        unit=unit_flat.repeat(T)[live], actions=b_actions.reshape(-1)[live],
+                        old_log_prob=b_logprob.reshape(-1)[live], advantages=unit_adv.reshape(-1)[live])
+            rows["active"] = torch.ones_like(rows["actions"], dtype=torch.bool)
+            n_actor = rows["actions"].shape[0]
+        if central:
+            crit = dict(state=b_state.reshape(-1, S), returns=b_returns_n.reshape(-1), old_values=b_values.reshape(-1))
+        elif policy.recurrent:
+            crit = dict(returns=b_returns_n.reshape(T, E * A), old_values=b_values.reshape(T, E * A))
+        else:
+            crit = dict(returns=b_returns_n.reshape(-1)[live], old_values=b_values.reshape(-1)[live])
+        n_critic = crit["returns"].shape[0] if central else n_actor
+        stat_sums: dict[str, float] = {}
+        for epoch in range(cfg.epochs):
+            actor_perm = torch.randperm(n_actor, device=dev)
+            critic_perm = torch.randperm(n_critic, device=dev) if central else actor_perm
+            for m in range(M):
+                a_idx = actor_perm[m * n_actor // M:(m + 1) * n_actor // M]
+                if policy.recurrent:
+                    mb = {k: v[:, a_idx] for k, v in seq.items()}
+                    mb["unit"], mb["h0"] = unit_flat[a_idx], h0[a_idx]
+                    if not central:
+                        mb.update({k: v[:, a_idx] for k, v in crit.items()})
+                else:
+                    mb = {k: v[a_idx] for k, v in rows.items()}
+                    if not central:
+                        mb.update({k: v[a_idx] for k, v in crit.items()})
+                if central:
+                    c_idx = critic_perm[m * n_critic // M:(m + 1) * n_critic // M]
+                    mb.update({k: v[c_idx] for k, v in crit.items()})
+                loss, stats = ppo_loss(model, mb, clip_coef=cfg.clip_coef, vf_coef=cfg.vf_coef,
+                                       ent_coef=cfg.ent_coef, clip_vloss=cfg.clip_vloss)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                for k, v in stats.items():
+                    stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
+        n_updates = cfg.epochs * M
+        iter_stats = {k: v / n_updates for k, v in stat_sums.items()}
+        global_step += steps_per_iter
+        samples += int(b_alive.sum()) * world
+
+        # --- 4. log --------------------------------------------------------------------------------------------
+        if rank != 0:
+            continue
+        elapsed = time.perf_counter() - t0
+        agent_steps_per_s = (global_step - start_step) * A / max(elapsed, 1e-9)
+        train_win = ep_wins / ep_count if ep_count else None
+        train_ret = ep_returns / ep_count if ep_count else None
+        if metrics is not None:
+            metrics.update_iteration(steps=global_step, samples=samples, agent_steps_per_s=agent_steps_per_s,
+                                     train_win_rate=train_win, train_return=train_ret, lr=lr, **iter_stats)
+        if bar is not None:
+            bar.update(steps_per_iter)
+            bar.set_postfix_str(
+                f"agent-steps/s {agent_steps_per_s:,.0f} | win {'-' if train_win is None else f'{train_win:.2f}'}"
+                f" | ret {'-' if train_ret is None else f'{train_ret:.1f}'}"
+                f" | eval {'-' if last_eval is None else f'{last_eval:.2f}'}", refresh=False)
+
+        # --- 5. evaluate and save ----------------------------------------------------------------------------
+        due = (global_step - last_eval_step >= eval_every) if eval_every else (time.perf_counter() - last_eval_time >= 20)
+        over = budget_fraction() >= 1.0
+        if due or over:
+            ev = evaluate(policy, sc, cfg.eval_episodes, cfg.seed, device=dev)
+            last_eval, last_eval_step, last_eval_time = ev["win_rate"], global_step, time.perf_counter()
+            best_win = ev["win_rate"] if best_win is None else max(best_win, ev["win_rate"])
+            reached = cfg.target_win_rate is not None and ev["win_rate"] >= cfg.target_win_rate
+            version = repo.save(cfg.name, policy, scenario=sc, step=global_step, eval_win_rate=ev["win_rate"],
+                                extra={"eval_episodes": cfg.eval_episodes, "eval_seed": cfg.seed,
+                                       "eval_mean_return": ev["mean_return"], "samples": samples,
+                                       "minutes": round(elapsed / 60, 3), "resumed_from": resumed_from})
+            row = {"steps": global_step, "minutes": round(elapsed / 60, 4), "samples": samples,
+                   "win_rate": ev["win_rate"], "return": round(ev["mean_return"], 4),
+                   "train_win_rate": None if train_win is None else round(train_win, 4),
+                   "train_return": None if train_ret is None else round(train_ret, 4),
+                   **{k: round(v, 6) for k, v in iter_stats.items()}, "lr": lr,
+                   "agent_steps_per_s": round(agent_steps_per_s, 1), "version": version}
+            history.append(row)
+            _write_csv(csv_path, history)
+            ep_wins, ep_returns, ep_count = 0.0, 0.0, 0
+            if metrics is not None:
+                metrics.update_eval(win_rate=ev["win_rate"], mean_return=ev["mean_return"], version=version)
+                metrics.push()
+            line = (f"step {global_step:,}  {elapsed / 60:5.2f} min  eval win rate {ev['win_rate']:.3f}  "
+                    f"return {ev['mean_return']:.2f}  -> version {version}")
+            if bar is not None:
+                bar.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr, flush=True)
+            if reached:
+                stop_reason = "target"
+            stop_next = over or reached
+
+    elapsed = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    summary = {}
+    if rank == 0:
+        _plot(history, log_dir / f"{cfg.name}-{cfg.scenario}.png", title=f"{cfg.name} on {sc.name}")
+        summary = {"scenario": sc.name, "name": cfg.name, "sharing": policy.sharing, "critic": policy.critic,
+                   "steps": global_step, "samples": samples, "minutes": round(elapsed / 60, 3),
+                   "final_eval_win_rate": last_eval, "best_eval_win_rate": best_win,
+                   "target_win_rate": cfg.target_win_rate, "reached_target": stop_reason == "target",
+                   "version": version, "world_size": world,
+                   "agent_steps_per_s": round((global_step - start_step) * A / max(elapsed, 1e-9), 1),
+                   "csv": str(csv_path), "plot": str(log_dir / f"{cfg.name}-{cfg.scenario}.png")}
+    return TrainResult(summary, policy, history)
+
+
+def _write_csv(path: Path, history: list[dict]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0].keys()))
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def _plot(history: list[dict], path: Path, *, title: str) -> None:
+    """Win rate and return against steps and against minutes (2 x 2 panels)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    for col, x_key, x_label in ((0, "steps", "environment steps"), (1, "minutes", "wall-clock minutes")):
+        xs = [r[x_key] for r in history]
+        axes[0, col].plot(xs, [r["win_rate"] for r in history], marker=".")
+        axes[0, col].set(xlabel=x_label, ylabel="greedy win rate", ylim=(-0.02, 1.02))
+        axes[1, col].plot(xs, [r["return"] for r in history], marker=".", color="tab:orange")
+        axes[1, col].set(xlabel=x_label, ylabel="greedy mean return")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def config_json(cfg: TrainConfig) -> str:
+    return json.dumps(asdict(cfg), sort_keys=True)

@@ -1,0 +1,260 @@
+"""The model repository: `<root>/<name>/<version>/` holding `weights.safetensors` and `card.json`.
+
+Versions are positive integers. A version is written into a temporary directory `<root>/<name>/.tmp-*`,
+flushed to disk, then renamed into place, so a reader never sees half a model. Loading never runs code:
+the card is JSON, the weights are safetensors, and every tensor is checked (names, shapes, dtypes, finite)
+against the architecture the card describes before the policy is built. Problems raise `ModelLoadError`
+naming the file and the rule that was broken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from trainer.policy import Policy
+
+CARD_FORMAT = 1
+WEIGHTS_FILE = "weights.safetensors"
+CARD_FILE = "card.json"
+TMP_PREFIX = ".tmp-"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_VERSION_RE = re.compile(r"^[1-9][0-9]*$")
+REQUIRED_CARD_KEYS = ("format", "name", "version", "architecture", "spec", "sharing", "critic", "scenario", "step",
+                      "eval_win_rate", "created")
+SPEC_KEYS = ("name", "hash", "obs_size", "state_size", "n_actions", "n_agents")
+
+
+class ModelLoadError(Exception):
+    """A stored model is missing, incomplete or inconsistent; the message says what and where."""
+
+
+@dataclass
+class LoadedModel:
+    policy: Policy
+    card: dict
+    version: int
+    path: Path
+
+
+def check_name(name: str) -> str:
+    """Model names are one safe path component: letters, digits, '_', '.', '-' (not leading '.' or '-')."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"model name must match {_NAME_RE.pattern} (a single safe path component), got {name!r}")
+    return name
+
+
+class ModelRepository:
+    """Versioned models under one root directory. `ModelRepository(root)`."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # --- listing --------------------------------------------------------------------------------------
+    def versions(self, name: str) -> list[int]:
+        """Complete versions of `name`, ascending. Temporary directories and other entries are ignored."""
+        base = self.root / check_name(name)
+        if not base.is_dir():
+            return []
+        out = []
+        for entry in base.iterdir():
+            if _VERSION_RE.match(entry.name) and (entry / CARD_FILE).is_file() and (entry / WEIGHTS_FILE).is_file():
+                out.append(int(entry.name))
+        return sorted(out)
+
+    def latest(self, name: str) -> int | None:
+        versions = self.versions(name)
+        return versions[-1] if versions else None
+
+    # --- writing --------------------------------------------------------------------------------------
+    def save(self, name: str, policy: Policy, *, scenario, step: int, eval_win_rate: float | None,
+             extra: dict | None = None) -> int:
+        """Write a new version (the next integer) atomically and return it."""
+        check_name(name)
+        if (policy.obs_size, policy.state_size, policy.n_actions, policy.n_agents) != (
+                scenario.obs_size, scenario.state_size, scenario.n_actions, scenario.n_agents):
+            raise ValueError(f"policy sizes (obs {policy.obs_size}, state {policy.state_size}, actions "
+                             f"{policy.n_actions}, agents {policy.n_agents}) do not fit scenario {scenario.name!r} "
+                             f"(obs {scenario.obs_size}, state {scenario.state_size}, actions {scenario.n_actions}, "
+                             f"agents {scenario.n_agents})")
+        if eval_win_rate is not None and not (0.0 <= float(eval_win_rate) <= 1.0):
+            raise ValueError(f"eval_win_rate must lie in [0, 1] or be None, got {eval_win_rate!r}")
+        base = self.root / name
+        base.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in policy.state_dict().items()}
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-", dir=base))
+        try:
+            _write_synced(tmp / WEIGHTS_FILE, st_save(tensors))
+            for _attempt in range(1000):
+                taken = [int(e.name) for e in base.iterdir() if _VERSION_RE.match(e.name)]
+                version = max(taken, default=0) + 1
+                card = {
+                    "format": CARD_FORMAT, "name": name, "version": version, "architecture": policy.config,
+                    "spec": {"name": scenario.name, "hash": scenario.spec_hash, "obs_size": scenario.obs_size,
+                             "state_size": scenario.state_size, "n_actions": scenario.n_actions,
+                             "n_agents": scenario.n_agents},
+                    "sharing": policy.sharing, "critic": policy.critic, "scenario": scenario.name,
+                    "step": int(step), "eval_win_rate": None if eval_win_rate is None else float(eval_win_rate),
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+                for key, value in (extra or {}).items():
+                    if key in card:
+                        raise ValueError(f"extra card key {key!r} would overwrite a standard card key")
+                    card[key] = value
+                _write_synced(tmp / CARD_FILE, (json.dumps(card, indent=2, sort_keys=True) + "\n").encode())
+                try:
+                    os.rename(tmp, base / str(version))
+                except OSError:
+                    if (base / str(version)).exists():  # another writer took this number: try the next one
+                        continue
+                    raise
+                _fsync_dir(base)
+                return version
+            raise RuntimeError(f"could not find a free version number under {base}")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    # --- reading --------------------------------------------------------------------------------------
+    def load(self, name: str, version: int | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+        """Load and validate a version (default: the newest complete one). Raises ModelLoadError."""
+        try:
+            check_name(name)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
+        if version is None:
+            version = self.latest(name)
+            if version is None:
+                raise ModelLoadError(f"no complete version of model {name!r} under {self.root}")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ModelLoadError(f"model version must be a positive integer, got {version!r}")
+        path = self.root / name / str(version)
+        if not path.is_dir():
+            have = self.versions(name)
+            raise ModelLoadError(f"model {name!r} has no version {version} under {self.root} "
+                                 f"(complete versions: {have or 'none'})")
+        card = read_card(path / CARD_FILE)
+        if card["name"] != name or card["version"] != version:
+            raise ModelLoadError(f"{path / CARD_FILE}: card names {card['name']!r} version {card['version']!r}, "
+                                 f"but it is stored as {name!r} version {version}")
+        policy = policy_from_card(card, path / CARD_FILE)
+        load_weights(policy, path / WEIGHTS_FILE)
+        return LoadedModel(policy.to(device).eval(), card, version, path)
+
+
+# --- validation helpers (also useful on their own) -----------------------------------------------------------
+
+def read_card(path: Path) -> dict:
+    """Parse and check card.json: JSON object, every required key, sane types. Raises ModelLoadError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: card file is missing") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: cannot read card: {e}") from None
+    try:
+        card = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: card is not valid JSON: {e}") from None
+    if not isinstance(card, dict):
+        raise ModelLoadError(f"{path}: card must be a JSON object, got {type(card).__name__}")
+    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
+    if missing:
+        raise ModelLoadError(f"{path}: card lacks required keys: {', '.join(missing)}")
+    if card["format"] != CARD_FORMAT:
+        raise ModelLoadError(f"{path}: card format {card['format']!r} is not supported (expected {CARD_FORMAT})")
+    if not isinstance(card["architecture"], dict):
+        raise ModelLoadError(f"{path}: card 'architecture' must be a JSON object")
+    spec = card["spec"]
+    if not isinstance(spec, dict) or any(k not in spec for k in SPEC_KEYS):
+        raise ModelLoadError(f"{path}: card 'spec' must be an object with keys {', '.join(SPEC_KEYS)}")
+    if not isinstance(spec["hash"], str) or not spec["hash"]:
+        raise ModelLoadError(f"{path}: card spec hash must be a non-empty string, got {spec['hash']!r}")
+    if not isinstance(card["step"], int) or card["step"] < 0:
+        raise ModelLoadError(f"{path}: card 'step' must be a non-negative integer, got {card['step']!r}")
+    wr = card["eval_win_rate"]
+    if wr is not None and (not isinstance(wr, (int, float)) or not math.isfinite(wr) or not 0 <= wr <= 1):
+        raise ModelLoadError(f"{path}: card 'eval_win_rate' must be null or a number in [0, 1], got {wr!r}")
+    return card
+
+
+def policy_from_card(card: dict, where: Path | str = "card") -> Policy:
+    """Build the (untrained) policy the card describes, after checking the card agrees with itself."""
+    arch, spec = card["architecture"], card["spec"]
+    try:
+        policy = Policy.from_config(arch)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{where}: architecture is invalid: {e}") from None
+    for key in ("obs_size", "state_size", "n_actions", "n_agents"):
+        if spec[key] != getattr(policy, key):
+            raise ModelLoadError(f"{where}: spec {key} = {spec[key]!r} but the architecture has "
+                                 f"{getattr(policy, key)!r}")
+    for key in ("sharing", "critic"):
+        if card[key] != getattr(policy, key):
+            raise ModelLoadError(f"{where}: card {key} = {card[key]!r} but the architecture has "
+                                 f"{getattr(policy, key)!r}")
+    return policy
+
+
+def load_weights(policy: Policy, path: Path) -> None:
+    """Read safetensors at `path` into `policy` after checking names, shapes, dtypes and finiteness."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: weights file is missing") from None
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read weights: {e}") from None
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
+        raise ModelLoadError(f"{path}: not a valid safetensors file (truncated or corrupt?): {e}") from None
+    expected = policy.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise ModelLoadError(f"{path}: missing tensors: {', '.join(missing)}")
+    if unexpected:
+        raise ModelLoadError(f"{path}: unexpected tensors: {', '.join(unexpected)}")
+    for key, want in expected.items():
+        got = tensors[key]
+        if got.shape != want.shape:
+            raise ModelLoadError(f"{path}: tensor {key} has shape {tuple(got.shape)}, the architecture needs "
+                                 f"{tuple(want.shape)}")
+        if got.dtype != want.dtype:
+            raise ModelLoadError(f"{path}: tensor {key} has dtype {got.dtype}, expected {want.dtype}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise ModelLoadError(f"{path}: tensor {key} contains NaN or infinite values")
+    policy.load_state_dict(tensors, strict=True)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
