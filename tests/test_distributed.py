@@ -36,6 +36,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, sharing: str):
         with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
             json.dump(result.summary, f)
     finally:
+        dist.barrier()  # as `phalanx train` does: rank 0 may still be evaluating; leave together
         dist.destroy_process_group()
 
 
