@@ -3,7 +3,8 @@
     python bench/baselines.py                       # every built-in scenario, 1,000 games each
     python bench/baselines.py --scenarios 3m,8m --games 200
 
-Each game's first episode counts (games i = 0..N-1 play with seed S+i, as `phalanx eval` does).
+The same games as `phalanx eval --policy NAME --episodes N --seed S`: N games at once (game i plays with
+seed S+i), the first episode of each counted.
 Ends with one JSON line: {"win_rate": {scenario: {policy: rate}}, ...}.
 """
 
@@ -13,28 +14,10 @@ import os
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from trainer.sim import BattleSim, load_catalogue  # noqa: E402
+from trainer.ppo import evaluate  # noqa: E402  (what `phalanx eval --policy NAME` runs)
+from trainer.sim import load_catalogue  # noqa: E402
 from trainer.sim.baselines import BASELINES  # noqa: E402
-
-
-def play(scenario, policy, games: int, seed: int) -> dict:
-    sim = BattleSim(scenario, games, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    finished = torch.zeros(games, dtype=torch.bool)
-    won = torch.zeros(games, dtype=torch.bool)
-    ret = torch.zeros(games)
-    for _ in range(scenario.episode_limit):
-        out = sim.step(policy(sim, g))
-        first = out.done & ~finished
-        won |= out.won & first
-        ret = torch.where(first, out.episode_return, ret)
-        finished |= out.done
-        if bool(finished.all()):
-            break
-    return {"win_rate": won.float().mean().item(), "mean_return": ret.mean().item()}
 
 
 def main() -> None:
@@ -51,8 +34,8 @@ def main() -> None:
     for name in names:
         table[name] = {}
         cells = []
-        for pname, policy in BASELINES.items():
-            r = play(catalogue[name], policy, args.games, args.seed)
+        for pname in BASELINES:
+            r = evaluate(None, catalogue[name], args.games, args.seed, baseline=pname)
             table[name][pname] = round(r["win_rate"], 4)
             cells.append(f"{r['win_rate']:>7.1%} ({r['mean_return']:4.1f})")
         print(f"{name:<14}" + "".join(f"{c:>16}" for c in cells))

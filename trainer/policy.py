@@ -311,11 +311,10 @@ class Policy(nn.Module):
             raise ValueError(f"the action mask of row {row} allows no action")
         logits, _ = self.actor_step(obs, mask, unit.long())
         log_probs = torch.log_softmax(logits, 1)
-        if B:
+        action = logits.argmax(1)
+        if B and not bool(greedy.all()):  # sample only when some row asks for it (serving is mostly greedy)
             sampled = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
-        else:
-            sampled = torch.zeros(0, dtype=torch.int64, device=obs.device)
-        action = torch.where(greedy, logits.argmax(1), sampled)
+            action = torch.where(greedy, action, sampled)
         log_prob = log_probs.gather(1, action[:, None]).squeeze(1)
         if self.critic == "local":
             value = self.value_norm.denormalize(self.value(obs, unit.long()))
