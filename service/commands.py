@@ -41,6 +41,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="largest request/response message in MiB (default 16)")
     p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of the forward pass (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampled (non-greedy) actions (default 0)")
+    p.add_argument("--experience-dir", type=Path,
+                   help="log every served unit-step as trajectories in Parquet shards here, for `phalanx train "
+                        "--from-shards` (default: off)")
+    p.add_argument("--experience-chunk-rows", type=int, default=65536,
+                   help="completed steps per experience shard (default 65536)")
+    p.add_argument("--experience-max-open", type=int, default=50000,
+                   help="most units waiting for their step's reward; the stalest beyond it is evicted and its step "
+                        "written as truncated (default 50000)")
+    p.add_argument("--experience-flush-seconds", type=float, default=60.0,
+                   help="also write the open chunk this often (default 60; 0 = only when full)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
     p.set_defaults(func=cmd_serve)
 
@@ -75,7 +85,9 @@ def cmd_serve(args) -> int:
         poll_seconds=args.poll_seconds, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
         grace_seconds=args.grace_seconds, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
-        torch_threads=args.torch_threads, seed=args.seed)
+        torch_threads=args.torch_threads, seed=args.seed, experience_dir=args.experience_dir,
+        experience_chunk_rows=args.experience_chunk_rows, experience_max_open=args.experience_max_open,
+        experience_flush_seconds=args.experience_flush_seconds)
 
     def listening(running) -> None:
         model = running.holder.current

@@ -49,6 +49,23 @@ class ServiceMetrics:
         self.reload_failures = Counter(
             "phalanx_model_reload_failures_total", "Model versions refused (corrupt, incompatible, failed test "
             "forward); the previous version kept serving.", registry=r)
+        # The experience log (service/experience.py; all zero while --experience-dir is off).
+        self.experience_rows = Counter(
+            "phalanx_experience_rows_total", "Unit-steps written to experience shard files.", registry=r)
+        self.experience_shards = Counter(
+            "phalanx_experience_shards_total", "Experience shard files written.", registry=r)
+        self.experience_evictions = Counter(
+            "phalanx_experience_evictions_total", "Units evicted from the experience log's open trajectories "
+            "(the cap was reached; the stalest unit's waiting step was written as truncated).", registry=r)
+        self.experience_truncated = Counter(
+            "phalanx_experience_truncated_rows_total", "Steps written without their reward (truncated: evicted, "
+            "or still waiting at shutdown).", registry=r)
+        self.experience_dropped = Counter(
+            "phalanx_experience_dropped_rows_total", "Served unit-steps not logged, by reason (no_game_id: the "
+            "request had none; writer_behind: too many chunks waiting for the disk; write_failed).", ["reason"],
+            registry=r)
+        self.experience_open = Gauge(
+            "phalanx_experience_open_trajectories", "Units whose last served step waits for its reward.", registry=r)
         # Children bound once: `.labels()` on the hot path costs a dict lookup and a lock per call.
         self._latency = {rpc: self.request_latency.labels(rpc) for rpc in RPCS}
         self._ok = {rpc: self.requests.labels(rpc, grpc.StatusCode.OK.name) for rpc in RPCS}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,7 +100,13 @@ async def _ask_batch(client: AsyncClient, frames: list[pb.ActBatchRequest], resu
 
 async def play_games(client: AsyncClient, scenario: Scenario, *, games: int, seed: int = 0, rpc: str = "stream",
                      greedy: bool = True, record_actions: bool = False) -> PlayResult:
-    """Play `games` games' first episodes against the service; returns the counts, latencies (and actions)."""
+    """Play `games` games' first episodes against the service; returns the counts, latencies (and actions).
+
+    Rewards follow the service's experience protocol: a unit's step gets its reward (the team's reward of that
+    step) and done on that unit's next request (`prev_reward`, `prev_done`). A unit's trajectory ends when it
+    dies or its game ends; when a game ends, each of its units sends one more request, the next episode's first
+    observation (episode_id 1, after the simulator's auto-reset), carrying its last step's reward with
+    prev_done, and its answer is not played. Game ids are unique per call, so runs never share trajectories."""
     if rpc not in RPC_STYLES:
         raise ValueError(f"rpc must be one of {', '.join(RPC_STYLES)}, got {rpc!r}")
     sc = scenario
@@ -108,59 +115,77 @@ async def play_games(client: AsyncClient, scenario: Scenario, *, games: int, see
     out = sim.reset()
     result = PlayResult(sc.name, games, seed, rpc, greedy)
     counting = np.ones(games, dtype=bool)  # game still in its first episode
-    prev_reward = np.zeros(games, dtype=np.float32)
-    started = np.zeros(games, dtype=bool)  # a previous step exists (prev_reward/done are meaningful)
+    last_reward = np.zeros((games, A), dtype=np.float32)  # reward of each unit's last served step
+    waiting = np.zeros((games, A), dtype=bool)  # the unit's last served step still waits for its reward
+    run = uuid.uuid4().hex[:8]
+    game_ids = [f"play-{run}-{seed + g}" for g in range(games)]
     stream = client.stream() if rpc == "stream" else None
     next_id = 0
+
+    async def ask(g_idx: np.ndarray, a_idx: np.ndarray, obs: np.ndarray, avail: np.ndarray, *, episode_id: int,
+                  prev_done: bool) -> np.ndarray:
+        """Actions for units (g_idx[i], a_idx[i]); each one's previous step gets its reward and `prev_done`."""
+        nonlocal next_id
+        actions = np.empty(g_idx.size, dtype=np.int64)
+        if rpc == "batch":
+            frames, rows = [], []
+            for g in np.unique(g_idx):
+                sel = np.flatnonzero(g_idx == g)
+                units = a_idx[sel]
+                prev = waiting[g, units].any()
+                next_id += 1
+                frames.append(batch_request(
+                    obs[g, units], avail[g, units], units, greedy=greedy, game_id=game_ids[g], episode_id=episode_id,
+                    spec_hash=sc.spec_hash, request_id=next_id,
+                    prev_rewards=last_reward[g, units] if prev else None,
+                    prev_dones=np.full(len(units), prev_done, np.uint8) if prev else None))
+                rows.append(sel)
+            for sel, acts in zip(rows, await _ask_batch(client, frames, result)):
+                actions[sel] = acts
+            result.requests += len(frames)
+        else:
+            requests = []
+            for g, a in zip(g_idx.tolist(), a_idx.tolist()):
+                next_id += 1
+                fields = dict(prev_reward=float(last_reward[g, a]), prev_done=prev_done) if waiting[g, a] else {}
+                requests.append(act_request(obs[g, a], avail[g, a], a, greedy=greedy, game_id=game_ids[g],
+                                            episode_id=episode_id, spec_hash=sc.spec_hash, request_id=next_id,
+                                            **fields))
+            if rpc == "unary":
+                actions[:] = await _ask_unary(client, requests, result)
+            else:
+                actions[:] = await _ask_stream(stream, requests, result)
+            result.requests += len(requests)
+        waiting[g_idx, a_idx] = True
+        return actions
+
     try:
         while counting.any():
             obs, avail, alive = out.obs.numpy(), out.avail.numpy(), out.alive.numpy()
             actions = avail.argmax(2).astype(np.int64)  # local legal action: no-op for the dead, filler for done games
-            ask = alive & counting[:, None]
-            g_idx, a_idx = np.nonzero(ask)
+            asked = alive & counting[:, None]
+            g_idx, a_idx = np.nonzero(asked)
             if g_idx.size:
                 t0 = time.perf_counter()
-                if rpc == "batch":
-                    frames, games_asked = [], []
-                    for g in np.unique(g_idx):
-                        units = np.flatnonzero(ask[g])
-                        next_id += 1
-                        frames.append(batch_request(
-                            obs[g, units], avail[g, units], units, greedy=greedy, game_id=f"game-{seed + g}",
-                            spec_hash=sc.spec_hash, request_id=next_id,
-                            prev_rewards=np.full(len(units), prev_reward[g], np.float32) if started[g] else None,
-                            prev_dones=np.zeros(len(units), np.uint8) if started[g] else None))
-                        games_asked.append((g, units))
-                    answers = await _ask_batch(client, frames, result)
-                    for (g, units), acts in zip(games_asked, answers):
-                        actions[g, units] = acts
-                    result.requests += len(frames)
-                else:
-                    requests = []
-                    for g, a in zip(g_idx.tolist(), a_idx.tolist()):
-                        next_id += 1
-                        fields = dict(prev_reward=float(prev_reward[g]), prev_done=False) if started[g] else {}
-                        requests.append(act_request(obs[g, a], avail[g, a], a, greedy=greedy, game_id=f"game-{seed + g}",
-                                                    spec_hash=sc.spec_hash, request_id=next_id, **fields))
-                    if rpc == "unary":
-                        answers = await _ask_unary(client, requests, result)
-                    else:
-                        answers = await _ask_stream(stream, requests, result)
-                    actions[g_idx, a_idx] = answers
-                    result.requests += len(requests)
+                actions[g_idx, a_idx] = await ask(g_idx, a_idx, obs, avail, episode_id=0, prev_done=False)
                 result.service_seconds += time.perf_counter() - t0
                 result.units += int(g_idx.size)
             if record_actions:
                 result.actions.append(np.where(counting[:, None], actions, -1))
             out = sim.step(actions)
+            last_reward[asked] = np.broadcast_to(out.reward.numpy()[:, None], asked.shape)[asked]
             done = out.done.numpy() & counting
-            prev_reward = out.reward.numpy().copy()
-            started[:] = True
             for g in np.flatnonzero(done):
                 result.episodes += 1
                 result.wins += int(out.won[g])
                 result.returns.append(float(out.episode_return[g]))
             counting &= ~done
+            closing = done[:, None] & waiting  # every unit of a finished game: its trajectory ended
+            if closing.any():
+                t0 = time.perf_counter()
+                g_idx, a_idx = np.nonzero(closing)
+                await ask(g_idx, a_idx, out.obs.numpy(), out.avail.numpy(), episode_id=1, prev_done=True)
+                result.service_seconds += time.perf_counter() - t0
     finally:
         if stream is not None:
             if counting.any():  # stopped by an error: abandon the stream

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from service._gen.phalanx.v1 import inference_pb2 as pb
 from service._gen.phalanx.v1 import inference_pb2_grpc as pb_grpc
 from service.batcher import Batcher, Outputs
+from service.experience import ExperienceLog
 from service.metrics import ServiceMetrics, start_metrics_server
 from service.model_holder import ModelHolder
 from service.validation import RequestError, frame_rows, unit_rows
@@ -78,6 +79,14 @@ class ServeConfig:
     """Intra-op threads of the forward pass (1 suits small policies: no thread hand-offs)."""
     seed: int = 0
     """Seed of the sampling generator (sampled, non-greedy actions)."""
+    experience_dir: Path | None = None
+    """Log every served unit-step as trajectories in Parquet shards here (None = off); service/experience.py."""
+    experience_chunk_rows: int = 65536
+    """Rows per experience shard: a chunk is written when it holds this many completed steps."""
+    experience_max_open: int = 50000
+    """Most units waiting for their step's reward; beyond it the stalest is evicted (written as truncated)."""
+    experience_flush_seconds: float = 60.0
+    """Also write the open chunk this often, so a quiet service's steps reach disk (0 = only when full)."""
 
 
 def _deadline(context) -> float | None:
@@ -93,10 +102,12 @@ def _tensor(array, dtype: int) -> pb.Tensor:
 class InferenceServicer(pb_grpc.InferenceServicer):
     """The four RPCs of phalanx.v1.Inference."""
 
-    def __init__(self, holder: ModelHolder, batcher: Batcher, metrics: ServiceMetrics, *, stream_window: int = 1024):
+    def __init__(self, holder: ModelHolder, batcher: Batcher, metrics: ServiceMetrics, *, stream_window: int = 1024,
+                 experience: ExperienceLog | None = None):
         self.holder = holder
         self.batcher = batcher
         self.metrics = metrics
+        self.experience = experience
         self.stream_window = stream_window
         self.draining = False
         self._stream_readers: set[asyncio.Task] = set()
@@ -116,22 +127,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.metrics.answered("Act", e.code, time.perf_counter() - start)
             await context.abort(e.code, e.message)
         self.metrics.answered("Act", OK, time.perf_counter() - start, 1)
+        if self.experience is not None:
+            self.experience.record_unit(request, rows, out)
         return _unit_response(out, request.request_id)
 
     async def ActStream(self, request_iterator, context):
         """Reads requests as they come and answers them in order; many can be in flight at once."""
-        pending: asyncio.Queue = asyncio.Queue(self.stream_window)  # (request_id, start, future | RequestError)
+        pending: asyncio.Queue = asyncio.Queue(self.stream_window)  # (request, rows, start, future | RequestError)
         deadline = _deadline(context)
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    start = time.perf_counter()
+                    start, rows = time.perf_counter(), None
                     try:
-                        item = self.batcher.enqueue(unit_rows(request, self.holder.require()), deadline)
+                        rows = unit_rows(request, self.holder.require())
+                        item = self.batcher.enqueue(rows, deadline)
                     except RequestError as e:
                         item = e
-                    await pending.put((request.request_id, start, item))
+                    await pending.put((request, rows, start, item))
             finally:
                 await pending.put(None)
 
@@ -141,7 +155,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             reader.cancel()
         try:
             while (entry := await pending.get()) is not None:
-                request_id, start, item = entry
+                request, rows, start, item = entry
+                request_id = request.request_id
                 try:
                     if isinstance(item, RequestError):
                         raise item
@@ -151,6 +166,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     yield pb.ActResponse(request_id=request_id, error=pb.Error(code=e.code.value[0], message=e.message))
                     continue
                 self.metrics.answered("ActStream", OK, time.perf_counter() - start, 1)
+                if self.experience is not None:
+                    self.experience.record_unit(request, rows, out)
                 yield _unit_response(out, request_id)
             if not reader.cancelled():
                 await reader  # surfaces an error of the request stream itself
@@ -159,8 +176,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             reader.cancel()
             while not pending.empty():  # the caller went away: nobody waits for these answers
                 entry = pending.get_nowait()
-                if entry is not None and isinstance(entry[2], asyncio.Future):
-                    entry[2].cancel()
+                if entry is not None and isinstance(entry[3], asyncio.Future):
+                    entry[3].cancel()
 
     async def ActBatch(self, request: pb.ActBatchRequest, context) -> pb.ActBatchResponse:
         start = time.perf_counter()
@@ -177,6 +194,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             values=_tensor(out.value.astype("<f4", copy=False), pb.DATA_TYPE_FLOAT32),
             model_version=out.version, request_id=request.request_id)
         self.metrics.answered("ActBatch", OK, time.perf_counter() - start, len(out.action))
+        if self.experience is not None:
+            self.experience.record_frame(request, rows, out)
         return response
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
@@ -249,6 +268,10 @@ class RunningServer:
         self.batcher = Batcher(self.holder.forward, max_batch_size=config.max_batch_size,
                                max_queue_delay=config.max_queue_delay_ms / 1000.0, max_queue=config.max_queue,
                                metrics=self.metrics)
+        self.experience = None if config.experience_dir is None else ExperienceLog(
+            config.experience_dir, spec_source=lambda: self.holder.current, metrics=self.metrics,
+            chunk_rows=config.experience_chunk_rows, max_open=config.experience_max_open,
+            flush_seconds=config.experience_flush_seconds)
         self.health = health.aio.HealthServicer()
         self.port: int = 0
         self.draining = False
@@ -262,7 +285,8 @@ class RunningServer:
             token = Path(config.auth_token_file).read_text().strip()
             interceptors.append(BearerTokenInterceptor(token, self.metrics))
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
-        self.servicer = InferenceServicer(self.holder, self.batcher, self.metrics, stream_window=config.stream_window)
+        self.servicer = InferenceServicer(self.holder, self.batcher, self.metrics, stream_window=config.stream_window,
+                                          experience=self.experience)
         pb_grpc.add_InferenceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -295,6 +319,8 @@ class RunningServer:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.holder.load_initial)  # blocking file reads off the loop
         self.batcher.start()
+        if self.experience is not None:
+            self.experience.start()
         await self.server.start()
         await self._update_health()
         self._poller = asyncio.create_task(self.holder.poll(self._update_health))
@@ -323,6 +349,8 @@ class RunningServer:
             self._poller.cancel()
         await self.server.stop(grace)
         await self.batcher.close()
+        if self.experience is not None:  # every answered step reaches a shard, waiting ones as truncated
+            await self.experience.close()
         if self._metrics_server is not None:
             server, thread = self._metrics_server
             server.shutdown()
@@ -353,4 +381,7 @@ async def serve(config: ServeConfig, on_listening: Callable[[RunningServer], Non
     model = running.holder.current
     return {"event": "stopped", "address": running.address, "model": config.name,
             "version": model.version if model else None, "reloads": running.holder.reloads,
-            "refused_versions": sorted(running.holder.refused)}
+            "refused_versions": sorted(running.holder.refused),
+            **({} if running.experience is None else
+               {"experience_rows": running.experience.rows_written,
+                "experience_shards": running.experience.shards_written})}

@@ -30,12 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", required=True, help="model repository root")
     p.add_argument("--name", required=True, help="model name in the repository")
-    p.add_argument("--scenario", default=d.scenario, help="scenario name (see `phalanx scenarios`)")
+    p.add_argument("--scenario", help=f"scenario name (see `phalanx scenarios`); default {d.scenario}, with "
+                                      "--from-shards the shards' spec")
     p.add_argument("--scenario-file", action="append", default=[], metavar="FILE", help="extra TOML scenario file")
     p.add_argument("--sharing", default=d.sharing, choices=("shared", "per-type", "independent"),
                    help="parameter sharing mode")
-    p.add_argument("--critic", default=d.critic, choices=("central", "local"),
-                   help="central: MAPPO critic on the global state; local: IPPO critic on each unit's observation")
+    p.add_argument("--critic", choices=("central", "local"),
+                   help=f"central: MAPPO critic on the global state; local: IPPO critic on each unit's observation "
+                        f"(default {d.critic}; --from-shards: always local)")
     p.add_argument("--hidden", type=int, default=d.hidden, help="hidden layer width")
     p.add_argument("--agent-id", action="store_true", help="append the unit slot's one-hot to the input")
     p.add_argument("--unit-type", action="store_true", help="append the unit type's one-hot to the input")
@@ -67,6 +69,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-addr", default=d.metrics_addr, help="address for the metrics endpoint")
     p.add_argument("--pushgateway", help="Prometheus Pushgateway URL, pushed at each evaluation and at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("offline training (learn from experience logged by `phalanx serve --experience-dir`)")
+    g.add_argument("--from-shards", action="append", default=[], metavar="DIR",
+                   help="learn from these shard directories or files instead of simulation (repeatable): PPO with "
+                        "V-trace off-policy correction, then a greedy evaluation and a new version")
+    g.add_argument("--iterations", type=int, default=10,
+                   help="with --from-shards: V-trace target recomputations, each followed by --epochs x "
+                        "--minibatches updates")
+    g.add_argument("--rho-bar", type=float, default=1.0, help="with --from-shards: V-trace importance-weight clip")
+    g.add_argument("--c-bar", type=float, default=1.0, help="with --from-shards: V-trace trace-weight clip")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="win rate of a stored model (or a scripted baseline) over many games",
@@ -99,8 +110,9 @@ def train_config_from_args(args) -> "TrainConfig":
     from trainer.ppo import TrainConfig
 
     return TrainConfig(
-        models=args.models, name=args.name, scenario=args.scenario, scenario_files=tuple(args.scenario_file),
-        sharing=args.sharing, critic=args.critic, hidden=args.hidden, agent_id=args.agent_id,
+        models=args.models, name=args.name, scenario=args.scenario or TrainConfig.scenario,
+        scenario_files=tuple(args.scenario_file), sharing=args.sharing, critic=args.critic or TrainConfig.critic,
+        hidden=args.hidden, agent_id=args.agent_id,
         unit_type=args.unit_type, recurrent=args.recurrent, envs=args.envs, rollout=args.rollout, steps=args.steps,
         minutes=args.minutes, target_win_rate=args.target_win_rate, seed=args.seed, device=args.device,
         threads=args.threads, lr=args.lr, anneal_lr=not args.no_anneal_lr, gamma=args.gamma,
@@ -110,8 +122,66 @@ def train_config_from_args(args) -> "TrainConfig":
         metrics_addr=args.metrics_addr, pushgateway=args.pushgateway, progress=not args.no_progress)
 
 
+def offline_config_from_args(args) -> "OfflineConfig":
+    from trainer.offline import OfflineConfig
+    from trainer.ppo import TrainError
+
+    online_only = [flag for flag, given in (
+        ("--critic central", args.critic == "central"), ("--recurrent", args.recurrent), ("--steps", args.steps),
+        ("--minutes", args.minutes), ("--target-win-rate", args.target_win_rate), ("--eval-every", args.eval_every),
+        ("--metrics-port", args.metrics_port)) if given]
+    if online_only:
+        raise TrainError(f"--from-shards learns from logged single unit-steps with a local critic and no "
+                         f"environment; {', '.join(online_only)} applies to simulation training only")
+    return OfflineConfig(
+        shards=tuple(args.from_shards), models=args.models, name=args.name, scenario=args.scenario,
+        scenario_files=tuple(args.scenario_file), sharing=args.sharing, hidden=args.hidden, agent_id=args.agent_id,
+        unit_type=args.unit_type, resume=args.resume, iterations=args.iterations, epochs=args.epochs,
+        minibatches=args.minibatches, lr=args.lr, anneal_lr=not args.no_anneal_lr, gamma=args.gamma,
+        lam=args.gae_lambda, rho_bar=args.rho_bar, c_bar=args.c_bar, clip_coef=args.clip_coef,
+        ent_coef=args.ent_coef, vf_coef=args.vf_coef, max_grad_norm=args.max_grad_norm,
+        eval_episodes=args.eval_episodes, seed=args.seed, device=args.device, threads=args.threads,
+        log_dir=args.log_dir, progress=not args.no_progress)
+
+
+def cmd_train_offline(args) -> int:
+    from trainer.offline import train_offline
+    from trainer.ppo import TrainError
+    from trainer.repository import ModelLoadError
+    from trainer.shards import ShardError
+    from trainer.train_metrics import TrainMetrics
+
+    import os
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _fail("train", f"--from-shards runs in one process; launch it without torchrun "
+                              f"(WORLD_SIZE={os.environ['WORLD_SIZE']})")
+    try:
+        cfg = offline_config_from_args(args)
+        if cfg.scenario is not None:
+            from trainer.sim import load_scenario
+            load_scenario(cfg.scenario, files=cfg.scenario_files)
+    except (TrainError, ScenarioError) as e:
+        return _fail("train", str(e))
+    metrics = None
+    if args.pushgateway:
+        metrics = TrainMetrics(scenario=cfg.scenario or "from-shards", model=cfg.name, pushgateway=args.pushgateway)
+    try:
+        result = train_offline(cfg, metrics=metrics)
+    except (TrainError, ScenarioError, ModelLoadError, ShardError) as e:
+        return _fail("train", str(e))
+    if metrics is not None:
+        metrics.push()
+    print(json.dumps(result.summary))
+    return 0
+
+
 def cmd_train(args) -> int:
     import torch.distributed as dist
+
+    if args.from_shards:
+        return cmd_train_offline(args)
 
     from trainer.ppo import TrainError, setup_distributed, train
     from trainer.repository import ModelLoadError

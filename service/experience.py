@@ -1,0 +1,271 @@
+"""The experience log: every served unit-step, assembled into per-unit trajectories and written as shards.
+
+The server calls `record_unit` (Act, ActStream) or `record_frame` (ActBatch) once per answered request, on the
+event loop. A step's reward and done arrive with the NEXT request of the same unit, so each unit - keyed by
+(game_id, unit_id) - has one open step waiting for them:
+
+    request k of unit u in game g    -> step k is served; it waits
+    request k+1 (prev_reward, prev_done) -> step k is complete (reward, done) and goes into the open chunk;
+                                            step k+1 is served and waits
+
+- `prev_done` true ends the trajectory with the waiting step (done); the request's own step starts a new
+  trajectory. A new `episode_id` without `prev_done` also starts a new trajectory, but how the old one ended is
+  unknown: its waiting step is written `truncated`. Absent `prev_reward` / `prev_done` count as 0 / false.
+- Requests without a `game_id` are not logged (a unit's steps could not be told apart across games); they are
+  counted as dropped rows with reason `no_game_id`.
+- A trajectory's rows carry (game_id, episode_id, unit_id), a trajectory number unique within this run, and the
+  step's position in it; shards carry the run id, so trajectories that span shards join up again when read.
+
+Bounded memory: completed steps fill a preallocated chunk of `chunk_rows` rows, handed to a writer thread when
+full (or every `flush_seconds`); at most `max_open` units wait for a reward - beyond it the stalest is evicted
+(counted): its waiting step is written with reward 0 and `truncated` set. At most `max_backlog` chunks wait for
+the writer; past that a chunk is dropped and counted rather than ever blocking the event loop.
+
+Durability: shards are written to `.tmp-*` and renamed into place (trainer/shards.py). `close()` (a clean
+shutdown) writes every completed step and every step still waiting for its reward (reward 0, `truncated`), so
+nothing the service answered is lost; a crash loses the open chunk (and any chunk the writer had not written yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from service._gen.phalanx.v1 import inference_pb2 as pb
+from service.batcher import Outputs
+from service.metrics import ServiceMetrics
+from service.validation import Rows
+from trainer.shards import Chunk, chunk_table, write_shard
+
+log = logging.getLogger(__name__)
+
+
+class Spec(Protocol):
+    """The served model's spec (service.model_holder.ServedModel)."""
+    spec_name: str
+    spec_hash: str
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """A unit's served step that waits for its reward, and the trajectory it belongs to."""
+    game_id: str
+    episode_id: int
+    unit_id: int
+    trajectory: int
+    step: int
+    obs: np.ndarray
+    mask: np.ndarray
+    action: int
+    log_prob: float
+    value: float
+    greedy: bool
+    version: int
+
+
+_COLUMNS = (("episode_id", np.uint64), ("unit_id", np.int32), ("trajectory", np.uint64), ("step", np.uint32),
+            ("action", np.int32), ("log_prob", np.float32), ("value", np.float32), ("greedy", bool),
+            ("reward", np.float32), ("done", bool), ("truncated", bool), ("model_version", np.uint64),
+            ("game_index", np.int32))
+
+
+class ExperienceLog:
+    """Assembles trajectories from served requests and writes them as Parquet shards under `directory`.
+
+    spec_source() returns the served model's spec (for the shard metadata). Call `start()` on the event loop,
+    `record_*` from it, and `await close()` once no more requests come."""
+
+    def __init__(self, directory: str | Path, *, spec_source: Callable[[], Spec | None], metrics: ServiceMetrics,
+                 chunk_rows: int = 65536, max_open: int = 50000, flush_seconds: float = 60.0, max_backlog: int = 8):
+        for name, value, low in (("chunk_rows", chunk_rows, 1), ("max_open", max_open, 1),
+                                 ("max_backlog", max_backlog, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"experience {name} must be an integer >= {low}, got {value!r}")
+        if not flush_seconds >= 0:
+            raise ValueError(f"experience flush_seconds must be >= 0 (0 = only when a chunk is full), "
+                             f"got {flush_seconds!r}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.spec_source = spec_source
+        self.metrics = metrics
+        self.chunk_rows, self.max_open, self.flush_seconds = chunk_rows, max_open, flush_seconds
+        self.run_id = uuid.uuid4().hex[:12]
+        self._waiting: collections.OrderedDict[tuple[str, int], _Waiting] = collections.OrderedDict()
+        self._next_trajectory = 0
+        self._shard_seq = 0
+        self._buf: dict[str, np.ndarray] | None = None  # the open chunk's columns (allocated at its first row)
+        self._games: dict[str, int] = {}  # the open chunk's game ids -> index
+        self._n = 0  # rows in the open chunk
+        self._queue: queue.Queue = queue.Queue(max_backlog)
+        self._writer = threading.Thread(target=self._write_loop, name="phalanx-experience-writer", daemon=True)
+        self._flusher: asyncio.Task | None = None
+        self._warned_no_game = False
+        self.closed = False
+        self.rows_written = 0
+        self.shards_written = 0
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._writer.start()
+        if self.flush_seconds > 0:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_every(), name="phalanx-experience")
+
+    async def close(self) -> None:
+        """Write everything: completed steps, and waiting steps as truncated; then stop the writer."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._flusher is not None:
+            self._flusher.cancel()
+        while self._waiting:
+            _, waiting = self._waiting.popitem(last=False)
+            self._complete(waiting, 0.0, False, truncated=True, final=True)
+        self._hand_off(final=True)
+        self.metrics.experience_open.set(0)
+        if self._writer.ident is None:  # closed before start(): write what there is all the same
+            self._writer.start()
+        self._queue.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+
+    async def _flush_every(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_seconds)
+            self._hand_off()
+
+    # --- recording (event loop) ---------------------------------------------------------------------------
+    def record_unit(self, request: pb.ActRequest, rows: Rows, out: Outputs) -> None:
+        """One answered Act / ActStream request."""
+        if self._skip(request.game_id, 1):
+            return
+        self._step(request.game_id, request.episode_id, request.unit_id, rows.obs[0], rows.mask[0],
+                   int(out.action[0]), float(out.log_prob[0]), float(out.value[0]), bool(rows.greedy[0]),
+                   out.version, request.prev_reward if request.HasField("prev_reward") else 0.0,
+                   request.HasField("prev_done") and request.prev_done)
+
+    def record_frame(self, request: pb.ActBatchRequest, rows: Rows, out: Outputs) -> None:
+        """One answered ActBatch frame (already validated: the prev_* tensors have one entry per row)."""
+        n = rows.obs.shape[0]
+        if self._skip(request.game_id, n):
+            return
+        obs = np.array(rows.obs, dtype=np.float32)  # own the memory: the request's bytes are not kept alive
+        rewards = (np.frombuffer(request.prev_rewards.data, "<f4").tolist() if request.HasField("prev_rewards")
+                   else [0.0] * n)
+        dones = (np.frombuffer(request.prev_dones.data, np.uint8).tolist() if request.HasField("prev_dones")
+                 else [0] * n)
+        units, actions = rows.unit.tolist(), out.action.tolist()
+        log_probs, values, greedy = out.log_prob.tolist(), out.value.tolist(), rows.greedy.tolist()
+        for i in range(n):
+            self._step(request.game_id, request.episode_id, units[i], obs[i], rows.mask[i], actions[i], log_probs[i],
+                       values[i], greedy[i], out.version, rewards[i], bool(dones[i]))
+
+    def _skip(self, game_id: str, n: int) -> bool:
+        if self.closed:
+            return True
+        if game_id:
+            return False
+        self.metrics.experience_dropped.labels("no_game_id").inc(n)
+        if not self._warned_no_game:
+            self._warned_no_game = True
+            log.warning("experience log: requests without a game_id are not logged (a unit's steps cannot be "
+                        "told apart across games); set ActRequest.game_id / ActBatchRequest.game_id")
+        return True
+
+    def _step(self, game_id: str, episode_id: int, unit_id: int, obs: np.ndarray, mask: np.ndarray, action: int,
+              log_prob: float, value: float, greedy: bool, version: int, prev_reward: float, prev_done: bool) -> None:
+        key = (game_id, unit_id)
+        waiting = self._waiting.pop(key, None)
+        trajectory, step = None, 0
+        if waiting is not None:  # this request completes the unit's waiting step
+            if prev_done or waiting.episode_id == episode_id:
+                self._complete(waiting, prev_reward, prev_done, truncated=False)
+                if not prev_done:
+                    trajectory, step = waiting.trajectory, waiting.step + 1
+            else:  # a new episode without prev_done: how the old one ended is unknown
+                self._complete(waiting, prev_reward, False, truncated=True)
+        if trajectory is None:
+            trajectory = self._next_trajectory
+            self._next_trajectory += 1
+        self._waiting[key] = _Waiting(game_id, episode_id, unit_id, trajectory, step, obs, mask, action, log_prob,
+                                      value, greedy, version)
+        if len(self._waiting) > self.max_open:
+            _, stalest = self._waiting.popitem(last=False)
+            self.metrics.experience_evictions.inc()
+            self._complete(stalest, 0.0, False, truncated=True)
+        self.metrics.experience_open.set(len(self._waiting))
+
+    def _complete(self, w: _Waiting, reward: float, done: bool, *, truncated: bool, final: bool = False) -> None:
+        """Put a finished step into the open chunk (handing the chunk to the writer when it is full)."""
+        if self._buf is None:
+            self._buf = {name: np.empty(self.chunk_rows, dtype) for name, dtype in _COLUMNS}
+            self._buf["obs"] = np.empty((self.chunk_rows, w.obs.shape[0]), np.float32)
+            self._buf["mask"] = np.empty((self.chunk_rows, w.mask.shape[0]), bool)
+        b, i = self._buf, self._n
+        if w.obs.shape[0] != b["obs"].shape[1] or w.mask.shape[0] != b["mask"].shape[1]:
+            self._hand_off(final=final)  # a different spec (cannot happen within one run): start a new chunk
+            return self._complete(w, reward, done, truncated=truncated, final=final)
+        game = self._games.setdefault(w.game_id, len(self._games))
+        b["obs"][i], b["mask"][i] = w.obs, w.mask
+        b["episode_id"][i], b["unit_id"][i], b["trajectory"][i], b["step"][i] = (w.episode_id, w.unit_id,
+                                                                                 w.trajectory, w.step)
+        b["action"][i], b["log_prob"][i], b["value"][i], b["greedy"][i] = w.action, w.log_prob, w.value, w.greedy
+        b["reward"][i], b["done"][i], b["truncated"][i] = reward, done, truncated
+        b["model_version"][i], b["game_index"][i] = w.version, game
+        self._n += 1
+        if truncated:
+            self.metrics.experience_truncated.inc()
+        if self._n == self.chunk_rows:
+            self._hand_off(final=final)
+
+    def _hand_off(self, final: bool = False) -> None:
+        """Give the open chunk to the writer thread (never blocks the event loop, except at close)."""
+        if self._n == 0 or self._buf is None:
+            return
+        b, n = self._buf, self._n
+        chunk = Chunk(game_ids=list(self._games), game_index=b["game_index"][:n], episode_id=b["episode_id"][:n],
+                      unit_id=b["unit_id"][:n], trajectory=b["trajectory"][:n], step=b["step"][:n], obs=b["obs"][:n],
+                      mask=b["mask"][:n], action=b["action"][:n], log_prob=b["log_prob"][:n], value=b["value"][:n],
+                      greedy=b["greedy"][:n], reward=b["reward"][:n], done=b["done"][:n],
+                      truncated=b["truncated"][:n], model_version=b["model_version"][:n])
+        self._buf, self._games, self._n = None, {}, 0
+        spec = self.spec_source()
+        spec_name, spec_hash = (spec.spec_name, spec.spec_hash) if spec is not None else ("", "")
+        self._shard_seq += 1
+        name = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{self.run_id}-{self._shard_seq:06d}"
+        item = (chunk, spec_name, spec_hash, name)
+        if final:
+            self._queue.put(item)  # shutting down: wait for room rather than lose it
+            return
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.metrics.experience_dropped.labels("writer_behind").inc(n)
+            log.error("experience log: the writer is %d chunks behind; dropped a chunk of %d rows",
+                      self._queue.maxsize, n)
+
+    # --- writing (writer thread) ----------------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            chunk, spec_name, spec_hash, name = item
+            n = chunk.action.shape[0]
+            try:
+                table = chunk_table(chunk, spec_name=spec_name, spec_hash=spec_hash, run_id=self.run_id)
+                path = write_shard(self.directory, name, table)
+            except Exception:  # noqa: BLE001 - a full disk must not stop the service
+                self.metrics.experience_dropped.labels("write_failed").inc(n)
+                log.exception("experience log: writing shard %s (%d rows) to %s failed", name, n, self.directory)
+                continue
+            self.rows_written += n
+            self.shards_written += 1
+            self.metrics.experience_rows.inc(n)
+            self.metrics.experience_shards.inc()
+            log.debug("experience log: wrote %s (%d rows)", path, n)

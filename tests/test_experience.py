@@ -1,0 +1,309 @@
+"""The experience log (service/experience.py) and the shard format (trainer/shards.py).
+
+Pure tests drive ExperienceLog with hand-made requests (no network); one in-process gRPC test serves real
+requests of every RPC kind and checks that a clean shutdown writes every answered step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from service._gen.phalanx.v1 import inference_pb2 as pb
+from service.batcher import Outputs
+from service.client import AsyncClient, act_request, batch_request
+from service.experience import ExperienceLog
+from service.metrics import ServiceMetrics
+from service.server import ServeConfig, start_server
+from service.validation import Rows
+from trainer.shards import METADATA_KEY, ShardError, read_shards, schema
+
+O, N = 6, 4  # a small made-up spec for the pure tests
+
+
+class FakeSpec:
+    spec_name, spec_hash = "tiny", "hash-tiny"
+
+
+def make_log(tmp_path, **kw) -> tuple[ExperienceLog, ServiceMetrics]:
+    metrics = ServiceMetrics(CollectorRegistry())
+    settings = dict(spec_source=FakeSpec, metrics=metrics, chunk_rows=1000, max_open=1000, flush_seconds=0)
+    settings.update(kw)
+    log = ExperienceLog(tmp_path / "exp", **settings)
+    log.start()
+    return log, metrics
+
+
+def unit_step(log: ExperienceLog, game: str, unit: int, t: int, *, episode: int = 0, prev_reward=None,
+              prev_done=None, action: int = 1) -> None:
+    """One answered Act for `unit` of `game` at step t; obs = (game number, unit, t, episode, 0, 0) names the step."""
+    req = act_request(np.zeros(O, np.float32), np.ones(N, bool), unit, game_id=game, episode_id=episode,
+                      prev_reward=prev_reward, prev_done=prev_done)
+    obs = np.array([[float(game.split("-")[1]), unit, t, episode, 0, 0]], np.float32)
+    rows = Rows(obs, np.ones((1, N), bool), np.array([unit]), np.array([False]))
+    out = Outputs(7, np.array([action]), np.array([-0.5], np.float32), np.array([0.6], np.float32),
+                  np.array([0.25], np.float32))
+    log.record_unit(req, rows, out)
+
+
+def reward_of(g: int, u: int, t: int) -> float:
+    return 100.0 * g + 10.0 * u + t
+
+
+def counter(metrics: ServiceMetrics, name: str, labels: dict | None = None) -> float:
+    return metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+def test_trajectories_from_interleaved_requests_get_each_reward_on_its_own_step(tmp_path):
+    """3 games x 3 units, requests of each step in random order; game 1's episode ends after step 3."""
+    log, metrics = make_log(tmp_path, chunk_rows=7)
+    rng = random.Random(0)
+    for t in range(6):
+        order = [(g, u) for g in range(3) for u in range(3)]
+        rng.shuffle(order)
+        for g, u in order:
+            episode = 1 if (g == 1 and t >= 4) else 0
+            fields = {} if t == 0 else dict(prev_reward=reward_of(g, u, t - 1), prev_done=(g == 1 and t == 4))
+            unit_step(log, f"game-{g}", u, t, episode=episode, **fields)
+    asyncio.run(log.close())
+
+    table = pq.read_table(sorted((tmp_path / "exp").glob("*.parquet")))  # plain pyarrow, every shard
+    assert table.num_rows == 3 * 3 * 6  # every answered step, exactly once
+    rows = table.to_pylist()
+    for r in rows:
+        g, u, t, episode = (int(x) for x in r["obs"][:4])
+        assert (r["game_id"], r["unit_id"], r["episode_id"]) == (f"game-{g}", u, episode)
+        if t == 5:  # still waiting for its reward at shutdown
+            assert r["truncated"] and r["reward"] == 0.0 and not r["done"]
+        else:
+            assert not r["truncated"] and r["reward"] == reward_of(g, u, t)
+            assert r["done"] == (g == 1 and t == 3)
+        assert (r["action"], r["model_version"], r["spec_hash"]) == (1, 7, "hash-tiny")
+        assert r["log_prob"] == pytest.approx(-0.5) and r["value"] == pytest.approx(0.25)
+    # steps count up within a trajectory; game 1 starts a new trajectory with its new episode
+    by_traj: dict = {}
+    for r in rows:
+        by_traj.setdefault(r["trajectory"], []).append((int(r["obs"][2]), r["step"], r["game_id"], r["unit_id"]))
+    assert len(by_traj) == 9 + 3
+    for steps in by_traj.values():
+        steps.sort()
+        assert [s for _, s, _, _ in steps] == list(range(len(steps)))
+        assert len({(g, u) for _, _, g, u in steps}) == 1
+    assert counter(metrics, "phalanx_experience_rows_total") == 54
+    assert counter(metrics, "phalanx_experience_shards_total") == 8  # 7 full chunks of 7 rows, then 5 rows
+    assert counter(metrics, "phalanx_experience_truncated_rows_total") == 9
+
+    data = read_shards(tmp_path / "exp", spec_hash="hash-tiny")
+    assert data.rows == 54 and data.trajectories == 12
+    assert data.samples == 54 - 9  # the truncated last steps only bootstrap
+    assert int(data.done.sum()) == 3
+
+
+def test_shards_are_written_atomically_and_carry_their_metadata(tmp_path, monkeypatch):
+    log, metrics = make_log(tmp_path, chunk_rows=4)
+    for t in range(4):
+        for u in range(2):
+            unit_step(log, "game-0", u, t, **({} if t == 0 else dict(prev_reward=1.0)))
+    asyncio.run(log.close())
+    directory = tmp_path / "exp"
+    files = sorted(directory.iterdir())
+    assert [f.suffix for f in files] == [".parquet"] * 2 and not any(f.name.startswith(".tmp-") for f in files)
+    for f in files:
+        arrow_schema = pq.read_schema(f)
+        meta = json.loads(arrow_schema.metadata[METADATA_KEY])
+        assert {k: meta[k] for k in ("format", "spec_name", "spec_hash", "obs_size", "n_actions", "run_id")} == {
+            "format": 1, "spec_name": "tiny", "spec_hash": "hash-tiny", "obs_size": O, "n_actions": N,
+            "run_id": log.run_id}
+        assert arrow_schema.field("obs").type == pa.list_(pa.float32(), O)
+        assert arrow_schema.field("mask").type == pa.list_(pa.bool_(), N)
+        assert pq.read_table(f).num_rows == meta["rows"] == 4
+
+    # a writer that fails half-way leaves no file under a .parquet name (and no temporary file) behind
+    def broken(table, where, **kw):
+        where.write(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    log2, metrics2 = make_log(tmp_path, chunk_rows=2)
+    monkeypatch.setattr(pq, "write_table", broken)
+    unit_step(log2, "game-0", 0, 0)
+    unit_step(log2, "game-0", 0, 1, prev_reward=1.0)
+    asyncio.run(log2.close())
+    assert sorted(directory.iterdir()) == files
+    assert counter(metrics2, "phalanx_experience_dropped_rows_total", {"reason": "write_failed"}) == 2
+
+
+def test_open_trajectories_are_capped_by_evicting_the_stalest(tmp_path):
+    log, metrics = make_log(tmp_path, max_open=4)
+    for u in range(10):  # ten units of one game each get one step; only four may wait
+        unit_step(log, "game-0", u, 0)
+    assert counter(metrics, "phalanx_experience_evictions_total") == 6
+    assert counter(metrics, "phalanx_experience_open_trajectories") == 4
+    unit_step(log, "game-0", 9, 1, prev_reward=5.0)  # the freshest units are still there: their rewards land
+    unit_step(log, "game-0", 0, 1, prev_reward=5.0)  # unit 0 was evicted: its reward has no step to go to
+    assert counter(metrics, "phalanx_experience_evictions_total") == 7
+    asyncio.run(log.close())
+    rows = pq.read_table(tmp_path / "exp").to_pylist()
+    evicted = [r for r in rows if r["truncated"] and int(r["obs"][2]) == 0 and r["unit_id"] < 7]
+    assert sorted(r["unit_id"] for r in evicted) == list(range(7))
+    assert [r["reward"] for r in rows if r["unit_id"] == 9 and int(r["obs"][2]) == 0] == [5.0]
+    assert len(rows) == 12  # ten first steps, two second steps: nothing served is lost
+
+
+def test_requests_without_game_id_are_counted_not_logged(tmp_path):
+    log, metrics = make_log(tmp_path)
+    req = act_request(np.zeros(O, np.float32), np.ones(N, bool), 0)
+    out = Outputs(1, np.array([0]), np.zeros(1, np.float32), np.ones(1, np.float32), np.zeros(1, np.float32))
+    log.record_unit(req, Rows(np.zeros((1, O), np.float32), np.ones((1, N), bool), np.zeros(1, np.int64),
+                              np.zeros(1, bool)), out)
+    asyncio.run(log.close())
+    assert counter(metrics, "phalanx_experience_dropped_rows_total", {"reason": "no_game_id"}) == 1
+    assert not list((tmp_path / "exp").glob("*.parquet"))
+
+
+def test_experience_log_refuses_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="chunk_rows must be an integer >= 1, got 0"):
+        make_log(tmp_path, chunk_rows=0)
+    with pytest.raises(ValueError, match="max_open must be an integer >= 1, got -3"):
+        make_log(tmp_path, max_open=-3)
+
+
+# --- the reader refuses bad files -------------------------------------------------------------------------------
+
+@pytest.fixture
+def one_shard(tmp_path):
+    log, _ = make_log(tmp_path)
+    for t in range(3):
+        unit_step(log, "game-0", 0, t, **({} if t == 0 else dict(prev_reward=1.0)))
+    asyncio.run(log.close())
+    (path,) = (tmp_path / "exp").glob("*.parquet")
+    return path
+
+
+def test_truncated_or_corrupt_shards_are_refused_naming_the_file(one_shard, tmp_path):
+    data = one_shard.read_bytes()
+    cut = tmp_path / "bad" / "cut.parquet"
+    cut.parent.mkdir()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardError, match=r"cut\.parquet: not a readable Parquet shard \(truncated or corrupt\?\)"):
+        read_shards(cut.parent)
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"PAR1" + bytes(range(256)) * 4 + b"PAR1")
+    with pytest.raises(ShardError, match=r"garbage\.parquet: not a readable Parquet shard"):
+        read_shards([one_shard, garbage])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardError, match=r"no shard files \(\*\.parquet\) in .*empty"):
+        read_shards(tmp_path / "empty")
+    with pytest.raises(ShardError, match=r"missing\.parquet: no such shard file or directory"):
+        read_shards(tmp_path / "missing.parquet")
+
+
+def test_wrong_schema_format_or_spec_is_refused(one_shard, tmp_path):
+    table = pq.read_table(one_shard)
+    meta = json.loads(table.schema.metadata[METADATA_KEY])
+
+    def rewrite(name: str, t: pa.Table):
+        path = tmp_path / name
+        pq.write_table(t, path)
+        return path
+
+    plain = rewrite("plain.parquet", table.replace_schema_metadata(None))
+    with pytest.raises(ShardError, match=r"plain\.parquet: not a phalanx experience shard"):
+        read_shards(plain)
+    dropped = rewrite("dropped.parquet", table.drop_columns(["reward"]))
+    with pytest.raises(ShardError, match=r"dropped\.parquet: column 'reward' is missing"):
+        read_shards(dropped)
+    wrong_type = rewrite("cast.parquet", table.set_column(table.schema.get_field_index("action"), "action",
+                                                          table.column("action").cast(pa.float64())))
+    with pytest.raises(ShardError, match=r"cast\.parquet: column 'action' must be int32, got double"):
+        read_shards(wrong_type)
+    future = rewrite("future.parquet", table.replace_schema_metadata(
+        {METADATA_KEY: json.dumps({**meta, "format": 99}).encode()}))
+    with pytest.raises(ShardError, match=r"future\.parquet: shard format 99 is not supported \(expected 1\)"):
+        read_shards(future)
+    with pytest.raises(ShardError, match=r"logged under spec 'tiny' \(hash hash-tiny\), expected spec hash other"):
+        read_shards(one_shard, spec_hash="other")
+    assert schema(O, N).names == table.schema.names
+
+
+def test_reader_marks_samples_bootstraps_and_greedy_behaviour(tmp_path):
+    log, _ = make_log(tmp_path)
+    # unit 0: steps 0..2, episode ends after step 2; unit 1: steps 0..1, still waiting at shutdown
+    for t in range(4):
+        unit_step(log, "game-0", 0, t, **({} if t == 0 else dict(prev_reward=1.0, prev_done=t == 3)))
+    for t in range(2):
+        unit_step(log, "game-0", 1, t, **({} if t == 0 else dict(prev_reward=2.0)))
+    asyncio.run(log.close())
+    data = read_shards(tmp_path / "exp")
+    # sorted by trajectory, then step: unit 0's three steps, unit 0's new trajectory (1 step), unit 1's two steps
+    assert data.unit.tolist() == [0, 0, 0, 0, 1, 1]
+    assert data.done.tolist() == [False, False, True, False, False, False]
+    assert data.has_next.tolist() == [True, True, False, False, True, False]
+    assert data.sample.tolist() == [True, True, True, False, True, False]
+    assert data.reward.tolist() == [1.0, 1.0, 1.0, 0.0, 2.0, 0.0]
+    assert data.behaviour_log_prob.tolist() == [-0.5] * 6  # sampled: the logged log-prob
+
+
+# --- the real service -----------------------------------------------------------------------------------------
+
+def test_clean_shutdown_writes_every_answered_step_of_every_rpc(service_repo, tmp_path):
+    root, scenario, policy = service_repo
+    from trainer.sim import BattleSim
+
+    sim = BattleSim(scenario, 1, seed=0)
+    out = sim.reset()
+    obs, mask = out.obs[0].numpy(), out.avail[0].numpy()
+    A = scenario.n_agents
+    experience = tmp_path / "experience"
+
+    async def main():
+        config = ServeConfig(models=root, name="m", port=0, poll_seconds=0, experience_dir=experience,
+                             experience_chunk_rows=5)
+        running = await start_server(config, CollectorRegistry())
+        try:
+            async with AsyncClient(running.address) as client:
+                for t in range(3):  # unary: game u, 3 steps of unit 0
+                    await client.act(obs[0], mask[0], 0, game_id="unary", **({} if t == 0 else dict(prev_reward=1.0)))
+                async with client.stream() as stream:  # stream: 2 steps of every unit
+                    for t in range(2):
+                        fields = {} if t == 0 else dict(prev_reward=2.0, prev_done=False)
+                        await stream.act_many([act_request(obs[a], mask[a], a, game_id="stream", greedy=True,
+                                                           **fields) for a in range(A)])
+                for t in range(2):  # batch: 2 frames of every unit
+                    extra = {} if t == 0 else dict(prev_rewards=np.full(A, 3.0, np.float32),
+                                                   prev_dones=np.ones(A, np.uint8))
+                    await client.act_batch_request(batch_request(obs, mask, np.arange(A), game_id="batch", **extra))
+        finally:
+            await running.stop(grace=0)
+        return running
+
+    running = asyncio.run(main())
+    answered = 3 + 2 * A + 2 * A
+    rows = pq.read_table(sorted(experience.glob("*.parquet"))).to_pylist()
+    assert len(rows) == answered == running.experience.rows_written
+    assert running.metrics.registry.get_sample_value("phalanx_experience_rows_total") == answered
+    by_game: dict = {}
+    for r in rows:
+        by_game.setdefault(r["game_id"], []).append(r)
+    assert sorted(r["reward"] for r in by_game["unary"]) == [0.0, 1.0, 1.0]
+    assert [r["truncated"] for r in by_game["unary"] if r["step"] == 2] == [True]
+    assert all(r["greedy"] and r["model_version"] == 1 for r in by_game["stream"])
+    assert sorted(r["reward"] for r in by_game["stream"]) == [0.0] * A + [2.0] * A
+    done = [r for r in by_game["batch"] if r["done"]]
+    assert len(done) == A and all(r["reward"] == 3.0 for r in done)
+    assert all(r["spec_hash"] == scenario.spec_hash for r in rows)
+    local = policy.act(torch.from_numpy(obs[:1]), torch.from_numpy(mask[:1]), torch.zeros(1, dtype=torch.int64),
+                       torch.ones(1, dtype=torch.bool))
+    first = min((r for r in by_game["stream"] if r["unit_id"] == 0), key=lambda r: r["step"])
+    assert first["action"] == int(local.action[0]) and first["log_prob"] == pytest.approx(float(local.log_prob[0]),
+                                                                                          abs=1e-5)
+    assert np.allclose(first["obs"], obs[0]) and first["mask"] == mask[0].tolist()
+    data = read_shards(experience, spec_hash=scenario.spec_hash)
+    assert data.rows == answered

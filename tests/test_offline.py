@@ -1,0 +1,201 @@
+"""Offline training from logged experience (trainer/offline.py): V-trace, the learner, and the whole loop from a
+served game to a new model version."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.cli import main
+from trainer.offline import OfflineConfig, backward_plan, train_offline, vtrace
+from trainer.policy import Policy
+from trainer.ppo import TrainError
+from trainer.repository import ModelRepository
+from trainer.shards import Chunk, chunk_table, read_shards, write_shard
+from trainer.sim import load_scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+
+def vtrace_reference(log_ratio, rewards, values, has_next, sample, gamma, lam, rho_bar, c_bar):
+    """IMPALA's recursion, one row at a time from the back."""
+    R = len(rewards)
+    vs, adv = [0.0] * R, [0.0] * R
+    for s in reversed(range(R)):
+        ratio = math.exp(log_ratio[s])
+        rho, c = min(rho_bar, ratio), lam * min(c_bar, ratio)
+        if not sample[s]:
+            vs[s] = values[s]
+            continue
+        nxt_v = values[s + 1] if has_next[s] else 0.0
+        nxt_vs = vs[s + 1] if has_next[s] else 0.0
+        g = gamma if has_next[s] else 0.0
+        vs[s] = values[s] + rho * (rewards[s] + g * nxt_v - values[s]) + g * c * (nxt_vs - nxt_v)
+        adv[s] = rho * (rewards[s] + g * nxt_vs - values[s])
+    return vs, adv
+
+
+def test_vtrace_on_policy_with_lambda_one_gives_discounted_returns():
+    rewards = torch.tensor([1.0, 2.0, 3.0])
+    values = torch.tensor([0.5, -1.0, 4.0])
+    has_next = torch.tensor([True, True, False])
+    sample = torch.ones(3, dtype=torch.bool)
+    vs, adv = vtrace(torch.zeros(3), rewards, values, has_next, sample, backward_plan(has_next), gamma=0.9, lam=1.0)
+    assert vs.tolist() == pytest.approx([1 + 0.9 * (2 + 0.9 * 3), 2 + 0.9 * 3, 3])
+    assert adv.tolist() == pytest.approx([float(vs[0] - values[0]), float(vs[1] - values[1]), 3 - 4.0])
+
+
+def test_vtrace_matches_the_reference_on_many_trajectories_with_cuts_and_clipped_ratios():
+    gen = torch.Generator().manual_seed(0)
+    lengths, done_at_end = [5, 1, 3, 7, 2, 4], [True, False, True, False, True, True]
+    has_next, sample = [], []
+    for L, done in zip(lengths, done_at_end):
+        has_next += [True] * (L - 1) + [False]
+        sample += [True] * (L - 1) + [done]
+    R = len(has_next)
+    has_next, sample = torch.tensor(has_next), torch.tensor(sample)
+    rewards, values = torch.randn(R, generator=gen), torch.randn(R, generator=gen)
+    log_ratio = 1.5 * torch.randn(R, generator=gen)  # plenty of ratios above and below the clips
+    for lam, rho_bar, c_bar in ((0.95, 1.0, 1.0), (0.0, 1.0, 1.0), (1.0, 2.0, 0.5)):
+        vs, adv = vtrace(log_ratio, rewards, values, has_next, sample, backward_plan(has_next), gamma=0.97, lam=lam,
+                         rho_bar=rho_bar, c_bar=c_bar)
+        want_vs, want_adv = vtrace_reference(log_ratio.tolist(), rewards.tolist(), values.tolist(), has_next.tolist(),
+                                             sample.tolist(), 0.97, lam, rho_bar, c_bar)
+        assert vs.tolist() == pytest.approx(want_vs, abs=1e-5)
+        assert adv.tolist() == pytest.approx(want_adv, abs=1e-5)
+
+
+def synthetic_shards(directory, scenario, rows: int = 512, seed: int = 0):
+    """One-step episodes logged by a behaviour that picks action 1 or 2 with probability 1/2 each: action 1 earns 1,
+    action 2 earns 0."""
+    rng = np.random.default_rng(seed)
+    O, N = scenario.obs_size, scenario.n_actions
+    action = rng.integers(1, 3, rows)
+    mask = np.zeros((rows, N), bool)
+    mask[:, 1:3] = True
+    chunk = Chunk(game_ids=["g"], game_index=np.zeros(rows, np.int32), episode_id=np.zeros(rows, np.uint64),
+                  unit_id=rng.integers(0, scenario.n_agents, rows).astype(np.int32),
+                  trajectory=np.arange(rows, dtype=np.uint64), step=np.zeros(rows, np.uint32),
+                  obs=rng.standard_normal((rows, O)).astype(np.float32), mask=mask, action=action.astype(np.int32),
+                  log_prob=np.full(rows, math.log(0.5), np.float32), value=np.zeros(rows, np.float32),
+                  greedy=np.zeros(rows, bool), reward=(action == 1).astype(np.float32), done=np.ones(rows, bool),
+                  truncated=np.zeros(rows, bool), model_version=np.ones(rows, np.uint64))
+    table = chunk_table(chunk, spec_name=scenario.name, spec_hash=scenario.spec_hash, run_id="synthetic")
+    return write_shard(directory, "synthetic", table), chunk
+
+
+def test_offline_learner_prefers_the_action_the_log_rewarded(tmp_path):
+    sc = load_scenario("3m")
+    _, chunk = synthetic_shards(tmp_path / "shards", sc)
+    cfg = OfflineConfig(shards=(str(tmp_path / "shards"),), models=str(tmp_path / "models"), name="off", scenario="3m",
+                        hidden=16, iterations=4, epochs=4, minibatches=2, lr=3e-3, ent_coef=0.0, eval_episodes=4,
+                        progress=False)
+    result = train_offline(cfg)
+    obs, mask = torch.from_numpy(chunk.obs), torch.from_numpy(chunk.mask)
+    with torch.no_grad():
+        logits, _ = result.policy.actor_step(obs, mask, torch.from_numpy(chunk.unit_id).long())
+    p = torch.softmax(logits, 1)
+    assert float((p[:, 1] / (p[:, 1] + p[:, 2])).mean()) > 0.8  # it started near 0.5
+    assert result.summary["version"] == 1 and result.summary["samples"] == 512
+    assert len(result.history) == 4 and (tmp_path / "models" / "off" / "logs" / "off-3m-offline.csv").is_file()
+    card = ModelRepository(tmp_path / "models").load("off").card
+    assert card["critic"] == "local" and card["offline"]["behaviour_versions"] == [1]
+    assert card["spec"]["hash"] == sc.spec_hash and card["eval_win_rate"] is not None
+
+
+def test_offline_command_refuses_what_does_not_apply(tmp_path, capsys):
+    sc = load_scenario("3m")
+    synthetic_shards(tmp_path / "shards", sc, rows=8)
+    base = ["train", "--from-shards", str(tmp_path / "shards"), "--models", str(tmp_path / "m"), "--name", "x"]
+    assert main(base + ["--critic", "central"]) == 2
+    assert "--critic central applies to simulation training only" in capsys.readouterr().err
+    assert main(base + ["--scenario", "8m"]) == 2
+    err = capsys.readouterr().err
+    assert "synthetic.parquet: logged under spec '3m'" in err and f"expected spec hash {load_scenario('8m').spec_hash}" in err
+    with pytest.raises(TrainError, match="--iterations must be >= 1, got 0"):
+        OfflineConfig(shards=("d",), models="m", name="x", iterations=0)
+
+
+def test_served_games_are_logged_then_learned_from_into_a_new_version(tmp_path):
+    """The whole loop: `phalanx serve --experience-dir` (a MAPPO model), games played through the client library
+    with rewards on the next request, SIGTERM, then `phalanx train --from-shards --resume latest`."""
+    from service.client import AsyncClient
+    from service.play import play_games
+
+    sc = load_scenario("3m")
+    torch.manual_seed(0)
+    root = tmp_path / "models"
+    policy = Policy.for_scenario(sc, critic="central", hidden=32)
+    ModelRepository(root).save("m", policy, scenario=sc, step=100, eval_win_rate=None)
+    experience = tmp_path / "experience"
+    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--models", str(root), "--name", "m", "--port",
+                             "0", "--poll-seconds", "0", "--experience-dir", str(experience),
+                             "--experience-chunk-rows", "200"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        raise AssertionError(f"serve did not start: {proc.stderr.read()}")
+    ready = json.loads(line)
+    try:
+        async def play():
+            async with AsyncClient(ready["address"]) as client:
+                return await play_games(client, sc, games=6, seed=5, rpc="stream", greedy=False)
+
+        played = asyncio.run(play())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    code = proc.returncode
+    assert code == 0, err
+    stopped = json.loads(out.strip().splitlines()[-1])
+    closing = 6 * sc.n_agents  # each unit's request of the next episode, carrying its last reward and done
+    assert stopped["experience_rows"] == played.units + closing and stopped["experience_shards"] >= 2
+
+    data = read_shards(experience, spec_hash=sc.spec_hash)
+    assert data.rows == played.units + closing
+    assert int(data.done.sum()) == closing  # every unit's trajectory ended with a done step
+    assert data.samples == played.units
+    # every unit alive at a step of a game carries that step's team reward, and they add up to the game's return
+    import pyarrow.parquet as pq
+    team: dict = {}
+    for r in pq.read_table(sorted(experience.glob("*.parquet"))).to_pylist():
+        if r["episode_id"] == 0:  # all units start together, so a trajectory's step is the game's step
+            team.setdefault((r["game_id"], r["step"]), set()).add(round(r["reward"], 5))
+    assert all(len(rewards) == 1 for rewards in team.values())
+    returns = {}
+    for (game, _), rewards in team.items():
+        returns[game] = returns.get(game, 0.0) + rewards.pop()
+    assert sorted(returns.values()) == pytest.approx(sorted(played.returns), abs=1e-3)
+
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["train", "--from-shards", str(experience), "--models", str(root), "--name", "m", "--resume", "latest",
+                   "--iterations", "2", "--epochs", "2", "--eval-episodes", "8", "--no-progress"])
+    assert rc == 0
+    summary = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert summary["mode"] == "offline" and summary["scenario"] == "3m" and summary["version"] == 2
+    assert summary["resumed_from"] == 1 and summary["samples"] == played.units
+    loaded = ModelRepository(root).load("m", 2)
+    assert loaded.card["critic"] == "local" and loaded.card["step"] == 100 + played.units
+    assert loaded.card["offline"]["behaviour_versions"] == [1]
+    assert not torch.equal(loaded.policy.actor_head.weight, policy.actor_head.weight)  # it learned
+    # the first iteration starts from the served actor: the logged log-probs are its own, so every ratio is 1
+    import csv
+    with open(summary["csv"]) as f:
+        first = next(csv.DictReader(f))
+    assert float(first["mean_ratio_to_behaviour"]) == pytest.approx(1.0, abs=1e-4)
