@@ -63,7 +63,7 @@ class Batcher:
 
     SETTLE_TURNS = 4  # with no queue delay: event-loop turns to let already-arrived requests join a batch
 
-    def __init__(self, forward: Forward, *, max_batch_size: int = 256, max_queue_delay: float = 0.0,
+    def __init__(self, forward: Forward, *, max_batch_size: int = 1024, max_queue_delay: float = 0.0,
                  max_queue: int = 4096, metrics: ServiceMetrics):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")

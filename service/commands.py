@@ -20,8 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, help="serve exactly this version (default: the newest; follows new ones)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 = pick a free one)")
-    p.add_argument("--max-batch-size", type=int, default=256,
-                   help="most unit rows per forward pass (default 256; 1 turns batching off)")
+    p.add_argument("--max-batch-size", type=int, default=1024,
+                   help="most unit rows per forward pass (default 1024; 1 turns batching off)")
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0,
                    help="longest a request waits for its batch to fill; a lone caller never waits "
                         "(default 2; 0: take what is waiting)")

@@ -51,7 +51,7 @@ class ServeConfig:
     """Interface to listen on (0.0.0.0 / [::] for every interface)."""
     port: int = 50051
     """gRPC port; 0 = an ephemeral port (the bound one is logged and returned)."""
-    max_batch_size: int = 256
+    max_batch_size: int = 1024
     """Most unit rows per forward pass (1 = batching off)."""
     max_queue_delay_ms: float = 2.0
     """Longest a request waits for its batch to fill (a lone caller never waits); 0 = take what is waiting."""
