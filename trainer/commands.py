@@ -294,11 +294,9 @@ def cmd_eval(args) -> int:
             loaded = ModelRepository(cfg.models).load(cfg.name, cfg.version, device=cfg.device)
         except ModelLoadError as e:
             return _fail("eval", str(e))
-        spec = loaded.card["spec"]
-        if spec["hash"] != sc.spec_hash:
-            return _fail("eval", f"model {cfg.name!r} version {loaded.version} was trained on spec "
-                                 f"{spec['name']!r} (hash {spec['hash']}); scenario {sc.name!r} has spec hash "
-                                 f"{sc.spec_hash}: refusing to evaluate it there")
+        mismatch = loaded.spec_mismatch(sc)
+        if mismatch:
+            return _fail("eval", f"{mismatch}: refusing to evaluate it there")
         policy = loaded.policy
         head.update(policy="model", name=cfg.name, version=loaded.version)
     result = evaluate(policy, sc, cfg.episodes, cfg.seed, greedy=cfg.greedy, baseline=cfg.baseline,

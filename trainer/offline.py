@@ -241,10 +241,9 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
         if version is None:
             raise TrainError(f"--resume latest: model {cfg.name!r} has no version under {cfg.models}")
         loaded = repo.load(cfg.name, version)
-        if loaded.card["spec"]["hash"] != sc.spec_hash:
-            raise TrainError(f"--resume: version {version} of {cfg.name!r} was trained on spec "
-                             f"{loaded.card['spec']['name']} ({loaded.card['spec']['hash']}), the shards carry "
-                             f"{sc.name} ({sc.spec_hash})")
+        mismatch = loaded.spec_mismatch(sc)
+        if mismatch:
+            raise TrainError(f"--resume: {mismatch}, the spec the shards carry")
         if loaded.policy.recurrent:
             raise TrainError(f"--resume: version {version} of {cfg.name!r} is recurrent; logged experience holds "
                              "single steps of feed-forward policies, so it cannot continue a GRU policy")

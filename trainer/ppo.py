@@ -330,10 +330,9 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
         if version is None:
             raise TrainError(f"--resume latest: model {cfg.name!r} has no version under {cfg.models}")
         loaded = repo.load(cfg.name, version)
-        if loaded.card["spec"]["hash"] != sc.spec_hash:
-            raise TrainError(f"--resume: version {version} of {cfg.name!r} was trained on spec "
-                             f"{loaded.card['spec']['name']} ({loaded.card['spec']['hash']}), not on scenario "
-                             f"{sc.name} ({sc.spec_hash})")
+        mismatch = loaded.spec_mismatch(sc)
+        if mismatch:
+            raise TrainError(f"--resume: {mismatch}")
         policy, start_step, resumed_from = loaded.policy, int(loaded.card["step"]), version
     else:
         policy = Policy.for_scenario(sc, sharing=cfg.sharing, critic=cfg.critic, hidden=cfg.hidden,

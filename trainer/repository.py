@@ -49,6 +49,14 @@ class LoadedModel:
     version: int
     path: Path
 
+    def spec_mismatch(self, scenario) -> str | None:
+        """None when this model was trained on `scenario`'s observation/action layout, else what differs."""
+        spec = self.card["spec"]
+        if spec["hash"] == scenario.spec_hash:
+            return None
+        return (f"version {self.version} of {self.card['name']!r} was trained on spec {spec['name']!r} "
+                f"(hash {spec['hash']}), not on scenario {scenario.name!r} (hash {scenario.spec_hash})")
+
 
 def check_name(name: str) -> str:
     """Model names are one safe path component: letters, digits, '_', '.', '-' (not leading '.' or '-')."""

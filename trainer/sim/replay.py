@@ -34,9 +34,9 @@ def _model_actor(models: str | None, name: str | None, version: int | None, scen
         loaded = ModelRepository(models).load(name, version)
     except ModelLoadError as e:
         raise ReplayError(str(e)) from None
-    if loaded.card["spec"]["hash"] != scenario.spec_hash:
-        raise ReplayError(f"model {name} v{loaded.version} was trained on spec {loaded.card['spec']['name']} "
-                          f"({loaded.card['spec']['hash']}), not {scenario.name} ({scenario.spec_hash})")
+    mismatch = loaded.spec_mismatch(scenario)
+    if mismatch:
+        raise ReplayError(mismatch)
     policy = loaded.policy
 
     def act(sim: BattleSim, generator=None) -> torch.Tensor:
