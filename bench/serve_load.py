@@ -3,9 +3,10 @@
     python bench/serve_load.py                                   # full run (about 4 minutes)
     python bench/serve_load.py --duration 1 --clients 1,64 --rpcs unary,batch   # a short check
 
-Three servers run one after another (each alone on the machine, in its own process):
-  batched    `phalanx serve` with its default batching
-  unbatched  the same server with --max-batch-size 1
+Four servers run one after another (each alone on the machine, in its own process):
+  batched    `phalanx serve` with its defaults: batching, the forward pass in a worker process
+  thread     the same with --forward-worker thread (the forward pass in a thread of the server process)
+  unbatched  the same as batched with --max-batch-size 1
   echo       a bare grpc.aio server that answers the same messages with a canned reply: no validation,
              no batching, no model (the ceiling that gRPC in Python allows)
 For each server, RPC style (unary Act, one ActStream per client, ActBatch with --frame-units-unit frames)
@@ -194,12 +195,15 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process so far (Linux /proc), or None elsewhere."""
+    """User + system CPU seconds of a process and its live children (the forward worker) so far (Linux
+    /proc), or None elsewhere."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except (OSError, IndexError, ValueError):
         return None
+    return total + sum(_cpu_seconds(int(child)) or 0.0 for child in children)
 
 
 def _batch_stats(metrics_port: int | None) -> tuple[float, float]:
@@ -233,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each cell (default 0.5)")
     p.add_argument("--clients", default="1,16,64,256", help="concurrent client counts (default 1,16,64,256)")
     p.add_argument("--rpcs", default="unary,stream,batch", help="RPC styles (default unary,stream,batch)")
-    p.add_argument("--servers", default="batched,unbatched,echo", help="servers (default batched,unbatched,echo)")
+    p.add_argument("--servers", default="batched,thread,unbatched,echo",
+                   help="servers (default batched,thread,unbatched,echo)")
     p.add_argument("--procs", type=int, default=2, help="load-generator processes (default 2)")
     p.add_argument("--frame-units", type=int, default=64, help="units per ActBatch frame (default 64)")
     p.add_argument("--scenario", default="3m", help="scenario of the random model served (default 3m)")
@@ -256,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         serve = [sys.executable, "-m", "service", "serve", "--models", tmp, "--name", "bench", "--port", "0",
                  "--poll-seconds", "0", "--metrics-port", "0", "--log-level", "WARNING", "--max-queue", str(max_queue)]
         commands = {"batched": serve + args.server_args.split(),
+                    "thread": serve + args.server_args.split() + ["--forward-worker", "thread"],
                     "unbatched": serve + ["--max-batch-size", "1"],
                     "echo": [sys.executable, str(Path(__file__).resolve()), "--echo-server", "0",
                              "--frame-units", str(args.frame_units)]}
@@ -302,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     batched = [r for r in rows if r["server"] == "batched" and r["avg_batch"]]
     summary = {
         "act_vs_echo": ratio("unary", "echo"), "act_vs_unbatched": ratio("unary", "unbatched"),
+        "act_process_vs_thread": ratio("unary", "thread"),
         "stream_vs_echo": ratio("stream", "echo"), "stream_vs_unbatched": ratio("stream", "unbatched"),
         "ratio_clients": args.ratio_clients,
         "batch_units_per_s": round(best["units_per_s"]) if best else None,

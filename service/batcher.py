@@ -2,9 +2,10 @@
 
 Shape (after Ray Serve's batching): a small record per request holding its input rows and a future,
 a bounded queue, a loop that takes up to `max_batch_size` rows (waiting at most `max_queue_delay`
-seconds for the batch to fill; 0 = take what is waiting), runs the forward pass in a worker thread so
-the event loop keeps accepting requests, and resolves every caller's future exactly once: with its own
-slice of the outputs, or with the error of the batch (errors fan out to every waiting caller).
+seconds for the batch to fill; 0 = take what is waiting), stacks them and awaits the forward pass, which
+runs off the event loop (in a child process, service/forward_process.py, or in a worker thread,
+`ThreadForward`) so the loop keeps accepting requests, and resolves every caller's future exactly once:
+with its own slice of the outputs, or with the error of the batch (errors fan out to every waiting caller).
 
 With a delay, a lone caller (one request waiting, and the last batch held one request) is not kept
 waiting: the delay buys batch size only when callers are actually concurrent.
@@ -22,7 +23,7 @@ import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Awaitable, Callable, NamedTuple
 
 import grpc
 import numpy as np
@@ -44,6 +45,25 @@ class Outputs(NamedTuple):
 
 # forward(obs (B, O) f32, mask (B, N) bool, unit (B,) i64, greedy (B,) bool) -> Outputs for B rows.
 Forward = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], Outputs]
+# The same, awaited: what the batcher calls. It must not run the forward pass on the event loop.
+AsyncForward = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], Awaitable[Outputs]]
+
+
+class ThreadForward:
+    """Runs a blocking `Forward` in one worker thread (the in-process choice: `--forward-worker thread`).
+
+    Simple, but under load each batch's hand-off costs more than the forward pass (the thread and the
+    event loop take turns at the GIL); `ProcessForward` avoids that."""
+
+    def __init__(self, forward: Forward):
+        self.forward = forward
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="phalanx-forward")
+
+    async def __call__(self, obs: np.ndarray, mask: np.ndarray, unit: np.ndarray, greedy: np.ndarray) -> Outputs:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.forward, obs, mask, unit, greedy)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
 
 
 @dataclass(slots=True)
@@ -63,7 +83,7 @@ class Batcher:
 
     SETTLE_TURNS = 4  # with no queue delay: event-loop turns to let already-arrived requests join a batch
 
-    def __init__(self, forward: Forward, *, max_batch_size: int = 1024, max_queue_delay: float = 0.0,
+    def __init__(self, forward: AsyncForward, *, max_batch_size: int = 1024, max_queue_delay: float = 0.0,
                  max_queue: int = 4096, metrics: ServiceMetrics):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -80,7 +100,6 @@ class Batcher:
         self._queued_rows = 0
         self._nonempty = asyncio.Event()
         self._full = asyncio.Event()
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="phalanx-forward")
         self._task: asyncio.Task | None = None
         self._buffers: dict[str, np.ndarray] = {}
         self._last_batch_requests = 0
@@ -137,7 +156,6 @@ class Batcher:
             if not req.future.done():
                 req.future.set_exception(error)
         self._queued_rows = 0
-        self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -168,7 +186,7 @@ class Batcher:
                 continue
             started = time.perf_counter()
             try:
-                out = await loop.run_in_executor(self._executor, self._compute, batch)
+                out = await self._compute(batch)
             except Exception as e:  # noqa: BLE001 - every waiting caller must hear about it
                 error = e if isinstance(e, RequestError) else RequestError(
                     grpc.StatusCode.INTERNAL, f"forward pass failed: {type(e).__name__}: {e}")
@@ -218,15 +236,15 @@ class Batcher:
             self._buffers[name] = buf
         return buf[:shape[0]]
 
-    def _compute(self, batch: list[_Request]) -> Outputs:
-        """Worker thread: stack the batch's rows into reused buffers and run the forward pass."""
+    async def _compute(self, batch: list[_Request]) -> Outputs:
+        """Stack the batch's rows into reused buffers (microseconds) and await the forward pass."""
         n = sum(req.rows.obs.shape[0] for req in batch)
         first = batch[0].rows
         obs = np.concatenate([r.rows.obs for r in batch], out=self._buffer("obs", (n,) + first.obs.shape[1:], np.float32))
         mask = np.concatenate([r.rows.mask for r in batch], out=self._buffer("mask", (n,) + first.mask.shape[1:], np.bool_))
         unit = np.concatenate([r.rows.unit for r in batch], out=self._buffer("unit", (n,), np.int64))
         greedy = np.concatenate([r.rows.greedy for r in batch], out=self._buffer("greedy", (n,), np.bool_))
-        out = self.forward(obs, mask, unit, greedy)
+        out = await self.forward(obs, mask, unit, greedy)
         if out.action.shape[0] != obs.shape[0]:
             raise RuntimeError(f"forward returned {out.action.shape[0]} actions for {obs.shape[0]} rows")
         return out

@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-message-mb", type=float, default=16.0,
                    help="largest request/response message in MiB (default 16)")
     p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of the forward pass (default 1)")
+    p.add_argument("--forward-worker", choices=("process", "thread"), default="process",
+                   help="where the forward pass runs, off the event loop: a child process with its own GIL "
+                        "(default; the fast choice under load) or a worker thread in the server process")
     p.add_argument("--seed", type=int, default=0, help="seed for sampled (non-greedy) actions (default 0)")
     p.add_argument("--experience-dir", type=Path,
                    help="log every served unit-step as trajectories in Parquet shards here, for `phalanx train "
@@ -85,7 +88,8 @@ def cmd_serve(args) -> int:
         poll_seconds=args.poll_seconds, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
         grace_seconds=args.grace_seconds, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
-        torch_threads=args.torch_threads, seed=args.seed, experience_dir=args.experience_dir,
+        torch_threads=args.torch_threads, forward_worker=args.forward_worker, seed=args.seed,
+        experience_dir=args.experience_dir,
         experience_chunk_rows=args.experience_chunk_rows, experience_max_open=args.experience_max_open,
         experience_flush_seconds=args.experience_flush_seconds)
 

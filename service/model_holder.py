@@ -11,6 +11,7 @@ counted as a reload failure) while the old version keeps serving.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ class ServedModel:
     obs_size: int
     n_actions: int
     n_agents: int
+    graph: torch.jit.ScriptModule | None = None
+    """The policy's serving graph (`Policy.serving_graph`); None: eager `act_graph` (tracing unavailable)."""
 
 
 class ModelHolder:
@@ -52,7 +55,7 @@ class ModelHolder:
 
     def __init__(self, repository: ModelRepository, name: str, *, version: int | None = None,
                  poll_seconds: float = 5.0, warmup_batch_sizes: tuple[int, ...] = (1, 64), seed: int = 0,
-                 metrics: ServiceMetrics):
+                 metrics: ServiceMetrics, before_swap: Callable[[ServedModel], None] | None = None):
         if poll_seconds < 0:
             raise ValueError(f"poll_seconds must be >= 0 (0 = never poll), got {poll_seconds}")
         self.repository = repository
@@ -64,7 +67,10 @@ class ModelHolder:
         self.current: ServedModel | None = None
         self.reloads = 0  # versions swapped in after the first
         self.refused: dict[int, str] = {}  # version -> why it was refused (never retried: versions are immutable)
-        self._generator = torch.Generator().manual_seed(seed)  # sampling; used only in the forward thread
+        # Called in the loading thread with a validated version before it is swapped in (the forward worker
+        # process loads it then); raising keeps the old version serving, and the version is tried again later.
+        self.before_swap = before_swap
+        self._generator = torch.Generator().manual_seed(seed)  # sampling in `forward` (the in-process worker)
         self._lock = threading.Lock()  # one load at a time
 
     # --- the request path -------------------------------------------------------------------------------
@@ -80,8 +86,12 @@ class ModelHolder:
         """One batched forward pass on the current model (called by the batcher's worker thread)."""
         model = self.require()
         with torch.inference_mode():
+            # Every row was validated when its request arrived (service/validation.py). An all-greedy batch
+            # (the usual case) is one call into the graph: each further torch op would drop and retake the
+            # GIL that the event loop is using, and under load those hand-offs cost more than the maths.
             out = model.policy.act(torch.from_numpy(obs), torch.from_numpy(mask), torch.from_numpy(unit),
-                                   torch.from_numpy(greedy), generator=self._generator)
+                                   True if greedy.all() else torch.from_numpy(greedy), generator=self._generator,
+                                   graph=model.graph, checked=True)
         log_prob = out.log_prob.numpy()
         return Outputs(model.version, out.action.numpy(), log_prob, np.exp(log_prob), out.value.numpy())
 
@@ -122,6 +132,14 @@ class ModelHolder:
                      else "no model served yet")
             log.error("model %s version %d refused (%s): %s", self.name, version, where, e)
             return False
+        if self.before_swap is not None:
+            try:
+                self.before_swap(model)
+            except Exception as e:  # noqa: BLE001 - not the version's fault: try it again at the next poll
+                self.metrics.reload_failures.inc()
+                log.error("model %s version %d: the forward worker could not take it (%s: %s); will retry",
+                          self.name, version, type(e).__name__, e)
+                return False
         previous = self.current
         self.current = model  # the swap: the batcher picks it up at its next batch
         self.metrics.model_version.set(model.version)
@@ -158,8 +176,31 @@ class ModelHolder:
                     f"{model.obs_size}, actions {model.n_actions}, agents {model.n_agents}) but version "
                     f"{old.version} serves spec {old.spec_name} (hash {old.spec_hash}, obs {old.obs_size}, "
                     f"actions {old.n_actions}, agents {old.n_agents}); restart the service to change spec")
+        model = dataclasses.replace(model, graph=self._trace(model))
         self._test_forward(model)
         return model
+
+    def _trace(self, model: ServedModel) -> torch.jit.ScriptModule | None:
+        """The policy's serving graph, if it traces and agrees with the eager policy; else None (eager)."""
+        policy = model.policy
+        try:
+            graph = policy.serving_graph()
+            gen = torch.Generator().manual_seed(1)
+            for rows in (1, 3 * model.n_agents):
+                obs = torch.randn(rows, model.obs_size, generator=gen)
+                mask = torch.rand(rows, model.n_actions, generator=gen) < 0.5
+                mask[:, 1] = True
+                unit, greedy = torch.arange(rows) % model.n_agents, torch.ones(rows, dtype=torch.bool)
+                eager, traced = policy.act(obs, mask, unit, greedy), policy.act(obs, mask, unit, greedy, graph=graph)
+                if not (torch.equal(eager.action, traced.action)
+                        and torch.allclose(eager.log_prob, traced.log_prob, rtol=1e-4, atol=1e-5)
+                        and torch.allclose(eager.value, traced.value, rtol=1e-4, atol=1e-4)):
+                    raise RuntimeError(f"the traced graph disagrees with the policy on {rows} test rows")
+            return graph
+        except Exception as e:  # noqa: BLE001 - tracing is a speed-up; the eager graph gives the same answers
+            log.warning("version %d: no serving graph (%s: %s); serving the eager policy", model.version,
+                        type(e).__name__, e)
+            return None
 
     def _test_forward(self, model: ServedModel) -> None:
         """A forward pass on every agent slot (and the warm-up sizes) must give legal, finite answers."""
@@ -170,7 +211,7 @@ class ModelHolder:
             mask[:, 1] = True
             unit = torch.arange(rows) % model.n_agents
             greedy = torch.arange(rows) % 2 == 0
-            out = model.policy.act(obs, mask, unit, greedy, generator=gen)
+            out = model.policy.act(obs, mask, unit, greedy, generator=gen, graph=model.graph)
             if out.action.shape != (rows,) or out.log_prob.shape != (rows,) or out.value.shape != (rows,):
                 raise IncompatibleModelError(f"version {model.version}: test forward on {rows} rows returned shapes "
                                              f"{tuple(out.action.shape)}, {tuple(out.log_prob.shape)}, "

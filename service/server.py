@@ -25,8 +25,9 @@ from prometheus_client import CollectorRegistry
 
 from service._gen.phalanx.v1 import inference_pb2 as pb
 from service._gen.phalanx.v1 import inference_pb2_grpc as pb_grpc
-from service.batcher import Batcher, Outputs
+from service.batcher import Batcher, Outputs, ThreadForward
 from service.experience import ExperienceLog
+from service.forward_process import ProcessForward
 from service.metrics import ServiceMetrics, start_metrics_server
 from service.model_holder import ModelHolder
 from service.validation import RequestError, frame_rows, unit_rows
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "phalanx.v1.Inference"
 OK = grpc.StatusCode.OK
+FORWARD_WORKERS = ("process", "thread")
 
 
 @dataclass
@@ -77,6 +79,9 @@ class ServeConfig:
     """Most requests of one ActStream in flight at once (reading pauses beyond it)."""
     torch_threads: int = 1
     """Intra-op threads of the forward pass (1 suits small policies: no thread hand-offs)."""
+    forward_worker: str = "process"
+    """Where the forward pass runs, off the event loop: `process` (a child process with its own GIL: the
+    fast choice under load) or `thread` (a worker thread in this process: no extra process)."""
     seed: int = 0
     """Seed of the sampling generator (sampled, non-greedy actions)."""
     experience_dir: Path | None = None
@@ -260,12 +265,18 @@ class RunningServer:
 
     def __init__(self, config: ServeConfig, registry: CollectorRegistry | None):
         self.config = config
+        if config.forward_worker not in FORWARD_WORKERS:
+            raise ValueError(f"forward_worker must be one of {', '.join(FORWARD_WORKERS)}, got {config.forward_worker!r}")
         self.metrics = ServiceMetrics(registry)
+        self.process = (ProcessForward(threads=config.torch_threads, seed=config.seed)
+                        if config.forward_worker == "process" else None)
         self.holder = ModelHolder(ModelRepository(config.models), config.name, version=config.version,
                                   poll_seconds=config.poll_seconds,
                                   warmup_batch_sizes=(1, min(64, config.max_batch_size), config.max_batch_size),
-                                  seed=config.seed, metrics=self.metrics)
-        self.batcher = Batcher(self.holder.forward, max_batch_size=config.max_batch_size,
+                                  seed=config.seed, metrics=self.metrics,
+                                  before_swap=None if self.process is None else self.process.preload)
+        self.forward = ThreadForward(self.holder.forward) if self.process is None else self._forward_in_process
+        self.batcher = Batcher(self.forward, max_batch_size=config.max_batch_size,
                                max_queue_delay=config.max_queue_delay_ms / 1000.0, max_queue=config.max_queue,
                                metrics=self.metrics)
         self.experience = None if config.experience_dir is None else ExperienceLog(
@@ -290,6 +301,9 @@ class RunningServer:
         pb_grpc.add_InferenceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+
+    async def _forward_in_process(self, obs, mask, unit, greedy) -> Outputs:
+        return await self.process(self.holder.require(), obs, mask, unit, greedy)
 
     @property
     def metrics_port(self) -> int | None:
@@ -316,6 +330,8 @@ class RunningServer:
             raise OSError(f"could not listen on {address}")
         if c.metrics_port is not None:
             self._metrics_server = start_metrics_server(c.metrics_port, c.metrics_host, self.metrics.registry)
+        if self.process is not None:
+            await self.process.start()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.holder.load_initial)  # blocking file reads off the loop
         self.batcher.start()
@@ -349,6 +365,10 @@ class RunningServer:
             self._poller.cancel()
         await self.server.stop(grace)
         await self.batcher.close()
+        if self.process is not None:
+            await self.process.close()
+        else:
+            await self.forward.close()
         if self.experience is not None:  # every answered step reaches a shard, waiting ones as truncated
             await self.experience.close()
         if self._metrics_server is not None:
@@ -361,7 +381,12 @@ class RunningServer:
 async def start_server(config: ServeConfig, registry: CollectorRegistry | None = None) -> RunningServer:
     """Build, bind and start the service; returns once it listens (and the initial model, if any, is warm)."""
     running = RunningServer(config, registry)
-    await running._start()
+    try:
+        await running._start()
+    except BaseException:
+        if running.process is not None:  # no orphaned forward worker
+            await running.process.close()
+        raise
     return running
 
 

@@ -152,3 +152,24 @@ def test_pooled_gradient_is_the_mean_of_per_unit_gradients():
     per_unit = torch.stack([grads({k: v[:, a:a + 1] for k, v in batch.items()}) for a in range(A)])
     assert pooled.abs().max() > 1e-4
     assert torch.allclose(pooled, per_unit.mean(0), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sharing", SHARINGS)
+@pytest.mark.parametrize("critic", ("central", "local"))
+def test_serving_graph_gives_acts_answers_for_any_batch(sc, sharing, critic):
+    # traced once (8 rows); must hold for other batch sizes and any mix of unit slots and groups
+    policy = tiny(sc, sharing=sharing, critic=critic, agent_id=True, unit_type=True)
+    graph = policy.serving_graph()
+    gen = torch.Generator().manual_seed(5)
+    for rows in (1, 5, 64, 700):
+        obs = torch.randn(rows, sc.obs_size, generator=gen)
+        mask = torch.rand(rows, sc.n_actions, generator=gen) < 0.5
+        mask[:, 1] = True
+        unit = torch.randint(0, sc.n_agents, (rows,), generator=gen)
+        greedy = torch.rand(rows, generator=gen) < 0.7
+        eager = policy.act(obs, mask, unit, greedy, generator=torch.Generator().manual_seed(rows))
+        traced = policy.act(obs, mask, unit, greedy, generator=torch.Generator().manual_seed(rows), graph=graph,
+                            checked=True)
+        assert torch.equal(eager.action, traced.action)
+        assert torch.allclose(eager.log_prob, traced.log_prob, atol=1e-5)
+        assert torch.allclose(eager.value, traced.value, atol=1e-4)

@@ -34,10 +34,12 @@ async def serving(root, **overrides):
     settings = dict(models=root, name="m", port=0, poll_seconds=0.0, grace_seconds=5.0)
     settings.update(overrides)
     running = await start_server(ServeConfig(**settings), CollectorRegistry())
+    child = None if running.process is None else running.process.proc
     try:
         yield running
     finally:
         await running.stop(grace=0)
+        assert child is None or child.poll() is not None, "the forward worker process outlived the server"
 
 
 async def wait_until(predicate, what: str, tries: int = 500, step: float = 0.01):
@@ -77,11 +79,11 @@ class Gate:
         self.entered = threading.Event()
         self.batches: list[int] = []  # rows of each batch that entered the forward pass
 
-    def __call__(self, obs, mask, unit, greedy):
+    async def __call__(self, obs, mask, unit, greedy):
         self.batches.append(obs.shape[0])
         self.entered.set()
-        self.open.wait(30)
-        return self.forward(obs, mask, unit, greedy)
+        await asyncio.to_thread(self.open.wait, 30)
+        return await self.forward(obs, mask, unit, greedy)
 
 
 def metric_samples(text: str) -> dict:
@@ -94,13 +96,14 @@ def metric_samples(text: str) -> dict:
 
 # --- the three RPC styles, answers matched to requests ------------------------------------------------------
 
-def test_act_actstream_actbatch_and_model_info_answer_like_the_local_policy(service_repo):
+@pytest.mark.parametrize("worker", ("process", "thread"))
+def test_act_actstream_actbatch_and_model_info_answer_like_the_local_policy(service_repo, worker):
     root, scenario, policy = service_repo
     obs, mask, unit = sim_inputs(scenario)
     want_action, want_logp, want_value = local_greedy(policy, obs, mask, unit)
 
     async def main():
-        async with serving(root) as running, AsyncClient(running.address) as client:
+        async with serving(root, forward_worker=worker) as running, AsyncClient(running.address) as client:
             info = await client.model_info()
             unary = [await client.act(obs[i], mask[i], int(unit[i]), greedy=True, request_id=i + 1)
                      for i in range(len(obs))]
@@ -318,6 +321,7 @@ def test_hot_reload_picks_up_a_new_version_and_refuses_corrupt_and_incompatible_
             torch.manual_seed(5)
             repo.save("m", Policy.for_scenario(scenario, critic="local"), scenario=scenario, step=10, eval_win_rate=0.5)
             await wait_until(lambda: running.holder.current.version == 2, "version 2 to be served")
+            preloaded = running.process.loaded_versions  # loaded into the worker before the swap, off the request path
             seen.append(await version_answering(client))
             # version 3: weights file garbage; version 4: a model for another scenario
             bad = root / "m" / "3"
@@ -331,10 +335,10 @@ def test_hot_reload_picks_up_a_new_version_and_refuses_corrupt_and_incompatible_
             seen.append(await version_answering(client))
             m = running.metrics
             return (seen, dict(running.holder.refused), m.reloads._value.get(), m.reload_failures._value.get(),
-                    m.model_version._value.get(), (await client.model_info()).version)
+                    m.model_version._value.get(), (await client.model_info()).version, preloaded)
 
-    seen, refused, reloads, failures, gauge, info_version = asyncio.run(main())
-    assert seen == [1, 2, 2]
+    seen, refused, reloads, failures, gauge, info_version, preloaded = asyncio.run(main())
+    assert seen == [1, 2, 2] and preloaded == [1, 2]
     assert "weights" in refused[3] or "safetensors" in refused[3]
     assert "spec 8m" in refused[4] and "restart the service" in refused[4]
     assert (reloads, failures, gauge, info_version) == (1, 2, 2, 2)

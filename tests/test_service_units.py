@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from service import gen_proto
 from service._gen.phalanx.v1 import inference_pb2 as pb
-from service.batcher import Batcher, Outputs
+from service.batcher import Batcher, Outputs, ThreadForward
 from service.client import act_request, batch_request
 from service.metrics import ServiceMetrics
 from service.validation import RequestError, frame_rows, unit_rows
@@ -129,7 +129,7 @@ class _Recorder:
 
 
 def _batcher(forward, **kw) -> Batcher:
-    return Batcher(forward, metrics=ServiceMetrics(CollectorRegistry()), **kw)
+    return Batcher(ThreadForward(forward), metrics=ServiceMetrics(CollectorRegistry()), **kw)
 
 
 def test_batcher_answers_every_caller_with_its_own_rows():
@@ -248,3 +248,35 @@ def test_batcher_refuses_bad_settings():
         _batcher(_Recorder(), max_batch_size=0)
     with pytest.raises(ValueError, match="max_queue_delay must be >= 0 seconds"):
         _batcher(_Recorder(), max_queue_delay=-1)
+
+
+def test_model_holder_serves_through_the_traced_graph_or_falls_back_to_eager(service_repo, monkeypatch, caplog):
+    import torch
+
+    from service.model_holder import ModelHolder
+    from trainer.policy import Policy
+    from trainer.repository import ModelRepository
+
+    root, scenario, policy = service_repo
+    rng = np.random.default_rng(0)
+    obs = rng.standard_normal((9, scenario.obs_size)).astype(np.float32)
+    mask = np.ones((9, scenario.n_actions), dtype=bool)
+    unit = np.arange(9, dtype=np.int64) % scenario.n_agents
+    greedy = np.ones(9, dtype=bool)
+    want = policy.act(torch.from_numpy(obs), torch.from_numpy(mask), torch.from_numpy(unit), torch.from_numpy(greedy))
+
+    def served(holder):
+        assert holder.load_initial()
+        return holder.current.graph, holder.forward(obs, mask, unit, greedy)
+
+    graph, out = served(ModelHolder(ModelRepository(root), "m", poll_seconds=0, metrics=ServiceMetrics(CollectorRegistry())))
+    assert graph is not None
+    assert out.action.tolist() == want.action.tolist() and np.allclose(out.value, want.value.numpy(), atol=1e-4)
+
+    def no_tracing(self, example_rows=8):
+        raise RuntimeError("tracing is not available")
+
+    monkeypatch.setattr(Policy, "serving_graph", no_tracing)
+    graph, out = served(ModelHolder(ModelRepository(root), "m", poll_seconds=0, metrics=ServiceMetrics(CollectorRegistry())))
+    assert graph is None and "serving the eager policy" in caplog.text
+    assert out.action.tolist() == want.action.tolist() and np.allclose(out.value, want.value.numpy(), atol=1e-4)

@@ -25,6 +25,7 @@ training (`actor_sequence`); `act` refuses recurrent policies because a stateles
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,12 @@ class GroupedLinear(nn.Module):
     def forward(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
         if self.groups == 1:
             return torch.addmm(self.bias[0], x, self.weight[0])
+        if torch.jit.is_tracing():
+            # Every group's map for every row, then each row keeps its own: G times the work, but no
+            # Python branch on the data, so a trace holds for any batch and any mix of groups.
+            every = torch.baddbmm(self.bias[:, None, :], x.expand(self.groups, -1, -1), self.weight)  # (G, B, out)
+            pick = group.view(1, -1, 1).expand(1, -1, self.weight.shape[2])
+            return every.gather(0, pick).squeeze(0)
         out = x.new_empty(x.shape[0], self.weight.shape[2])
         for g in range(self.groups):
             rows = torch.nonzero(group == g).squeeze(1)
@@ -287,37 +294,85 @@ class Policy(nn.Module):
         return logits, self.value(v_in, v_unit)
 
     # --- serving ------------------------------------------------------------------------------------------
+    def act_graph(self, obs: torch.Tensor, mask: torch.Tensor, unit: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tensor work of `act`, free of Python branches on the data so that `torch.jit.trace` can record
+        it once for every batch size (the service runs it that way: see `serving_graph`).
+        obs (B, O), mask (B, N) bool, unit (B,) int64 -> log-probs (B, N), greedy action (B,), its log-prob (B,),
+        value (B,)."""
+        logits, _ = self.actor_step(obs, mask, unit)
+        if self.critic == "local":
+            value = self.value_norm.denormalize(self.value(obs, unit))
+        else:
+            value = torch.zeros_like(obs[:, 0])  # a server has no global state (zeros_like: a trace keeps it sized by B)
+        log_probs = torch.log_softmax(logits, 1)
+        action = logits.argmax(1)
+        return log_probs, action, log_probs.gather(1, action[:, None]).squeeze(1), value
+
+    def serving_graph(self, example_rows: int = 8) -> torch.jit.ScriptModule:
+        """`act_graph` recorded by `torch.jit.trace`: one call into C++ per batch instead of ~50 Python-level
+        ops, each of which would take and drop the GIL while the server's event loop competes for it."""
+        if self.recurrent:
+            raise ValueError("a recurrent policy has no serving graph (act() needs no hidden state)")
+        obs = torch.zeros(example_rows, self.obs_size)
+        mask = torch.ones(example_rows, self.n_actions, dtype=torch.bool)
+        unit = torch.arange(example_rows, dtype=torch.int64) % self.n_agents  # every group takes part
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch 2.9+ marks torch.jit deprecated; it is still the lightest way to run a fixed graph with
+            # one GIL release, and callers fall back to eager `act_graph` should a future torch drop it.
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace")
+            return torch.jit.trace(_ActGraph(self), (obs, mask, unit), check_trace=False)
+
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, mask: torch.Tensor, unit: torch.Tensor, greedy: torch.Tensor,
-            generator: torch.Generator | None = None) -> ActOutput:
+    def act(self, obs: torch.Tensor, mask: torch.Tensor, unit: torch.Tensor, greedy: torch.Tensor | bool,
+            generator: torch.Generator | None = None, *, graph=None, checked: bool = False) -> ActOutput:
         """Choose actions for B units. obs (B, O) float32, mask (B, N) bool, unit (B,) int64 slot,
-        greedy (B,) bool: argmax where true, a sample where false. -> ActOutput of (B,) tensors."""
+        greedy (B,) bool, or one bool for every row: argmax where true, a sample where false.
+        -> ActOutput of (B,) tensors.
+
+        `graph`: a `serving_graph()` to run instead of `act_graph` (same numbers, far fewer ops);
+        `checked`: the caller has already validated every row (the service does, per request)."""
         if self.recurrent:
             raise ValueError("this policy is recurrent (GRU core): act() needs no hidden state, so it cannot "
                              "serve it; train a feed-forward policy (recurrent=False) to serve")
+        if isinstance(greedy, bool):
+            greedy = torch.full((obs.shape[0],), greedy) if not greedy else greedy
+        if not checked:
+            self._check_act_inputs(obs, mask, unit, greedy)
+        if unit.dtype != torch.int64:
+            unit = unit.long()
+        log_probs, action, log_prob, value = (graph or self.act_graph)(obs, mask, unit)
+        # sample only when some row asks for it (serving is mostly greedy: then the graph's answer stands)
+        if greedy is not True and obs.shape[0] and not bool(greedy.all()):
+            sampled = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
+            action = torch.where(greedy, action, sampled)
+            log_prob = log_probs.gather(1, action[:, None]).squeeze(1)
+        return ActOutput(action, log_prob, value)
+
+    def _check_act_inputs(self, obs: torch.Tensor, mask: torch.Tensor, unit: torch.Tensor,
+                          greedy: torch.Tensor) -> None:
         B = obs.shape[0]
         if obs.dim() != 2 or obs.shape[1] != self.obs_size:
             raise ValueError(f"obs must have shape (B, {self.obs_size}), got {tuple(obs.shape)}")
         if mask.shape != (B, self.n_actions) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor of shape ({B}, {self.n_actions}), "
                              f"got {mask.dtype} {tuple(mask.shape)}")
-        if unit.shape != (B,) or greedy.shape != (B,):
-            raise ValueError(f"unit and greedy must have shape ({B},), got {tuple(unit.shape)} and "
-                             f"{tuple(greedy.shape)}")
+        greedy_shape = (B,) if greedy is True else tuple(greedy.shape)
+        if unit.shape != (B,) or greedy_shape != (B,):
+            raise ValueError(f"unit and greedy must have shape ({B},), got {tuple(unit.shape)} and {greedy_shape}")
         if B and (int(unit.min()) < 0 or int(unit.max()) >= self.n_agents):
             raise ValueError(f"unit slots must lie in 0..{self.n_agents - 1}, got {unit.tolist()}")
         if B and not bool(mask.any(1).all()):
             row = int(torch.nonzero(~mask.any(1))[0])
             raise ValueError(f"the action mask of row {row} allows no action")
-        logits, _ = self.actor_step(obs, mask, unit.long())
-        log_probs = torch.log_softmax(logits, 1)
-        action = logits.argmax(1)
-        if B and not bool(greedy.all()):  # sample only when some row asks for it (serving is mostly greedy)
-            sampled = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
-            action = torch.where(greedy, action, sampled)
-        log_prob = log_probs.gather(1, action[:, None]).squeeze(1)
-        if self.critic == "local":
-            value = self.value_norm.denormalize(self.value(obs, unit.long()))
-        else:
-            value = torch.zeros(B, device=obs.device)
-        return ActOutput(action, log_prob, value)
+
+
+class _ActGraph(nn.Module):
+    """`Policy.act_graph` as a module's forward, which is what `torch.jit.trace` records."""
+
+    def __init__(self, policy: Policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, obs: torch.Tensor, mask: torch.Tensor, unit: torch.Tensor):
+        return self.policy.act_graph(obs, mask, unit)

@@ -1,0 +1,320 @@
+"""The forward pass in a child process, so that it never competes with the event loop for the GIL.
+
+Why a process and not a thread: under load the server's event loop holds the GIL nearly all the time.
+A forward thread in the same process has to win the GIL back at every step of its Python and torch work,
+and those hand-offs cost far more than the forward pass itself (measured with 64 clients: the server
+spent 170 us of CPU per answered unit with a forward thread, 120 us computing on the loop, and the same
+number of units/s as a bare echo server with this process; see bench/RESULTS.md). A child process has
+its own GIL: the loop writes one message, goes on serving, and reads one reply.
+
+The child holds the policies (weights sent as safetensors bytes with their JSON config: no pickle, and no
+access to the model repository needed) and the sampling generator. One socket, length-prefixed messages,
+strictly one request -> one reply at a time:
+
+    header = kind (4 bytes), a (uint32), b (uint32), payload length (uint64); little-endian
+    LOAD   a = version; payload = config length (uint32) + config JSON + safetensors   -> OKAY | FAIL
+    RUN    a = rows, b = version; payload = obs (rows x O f32) + mask (rows x N u8) + unit (rows i64)
+           + greedy (rows u8)   -> OUT_ a = rows; payload = action (i64) + log_prob (f32) + value (f32) | FAIL
+    FAIL   payload = UTF-8 message
+
+Versions are loaded ahead of the swap (the model holder calls `preload` while it prepares a version, off
+the request path) and every RUN names the version that must answer it; the child keeps the two newest.
+If the child dies, the batch in flight fails with UNAVAILABLE and the next batch starts a new child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import struct
+import subprocess
+import signal
+import sys
+
+import grpc
+import numpy as np
+
+from service.batcher import Outputs
+from service.validation import RequestError
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<4sIIQ")
+KEEP_VERSIONS = 2  # the one serving and the one about to replace it
+
+
+def _pack(kind: bytes, a: int = 0, b: int = 0, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, a, b, len(payload)) + payload
+
+
+# --- the child --------------------------------------------------------------------------------------------------
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise EOFError("the server closed the forward socket")
+        got += k
+    return bytes(buf)
+
+
+class _Child:
+    """The child's state: loaded versions (policy, serving graph) and the sampling generator."""
+
+    def __init__(self, threads: int, seed: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.generator = torch.Generator().manual_seed(seed)
+        self.models: dict[int, tuple] = {}
+
+    def load(self, version: int, payload: bytes) -> bytes:
+        from safetensors.torch import load as st_load
+
+        from trainer.policy import Policy
+
+        (n,) = struct.unpack_from("<I", payload)
+        policy = Policy.from_config(json.loads(payload[4:4 + n]))
+        policy.load_state_dict(st_load(payload[4 + n:]))
+        policy.eval()
+        try:
+            graph = policy.serving_graph()
+        except Exception:  # noqa: BLE001 - the eager graph gives the same answers, only slower
+            graph = None
+        self.models[version] = (policy, graph)
+        for old in sorted(self.models)[:-KEEP_VERSIONS]:
+            del self.models[old]
+        return _pack(b"OKAY")
+
+    def run(self, rows: int, version: int, payload: bytes) -> bytes:
+        torch = self.torch
+        if version not in self.models:
+            raise KeyError(f"version {version} is not loaded here (loaded: {sorted(self.models)})")
+        policy, graph = self.models[version]
+        O, N = policy.obs_size, policy.n_actions
+        expected = rows * (O * 4 + N + 8 + 1)
+        if len(payload) != expected:
+            raise ValueError(f"RUN of {rows} rows needs {expected} bytes, got {len(payload)}")
+        buf = bytearray(payload)  # writable, so torch.from_numpy shares it without a warning
+        obs = np.frombuffer(buf, np.float32, rows * O, 0).reshape(rows, O)
+        at = rows * O * 4
+        mask = np.frombuffer(buf, np.bool_, rows * N, at).reshape(rows, N)
+        at += rows * N
+        unit = np.frombuffer(buf, np.int64, rows, at)
+        greedy = np.frombuffer(buf, np.bool_, rows, at + rows * 8)
+        with torch.inference_mode():
+            out = policy.act(torch.from_numpy(obs), torch.from_numpy(mask), torch.from_numpy(unit),
+                             True if greedy.all() else torch.from_numpy(greedy), generator=self.generator,
+                             graph=graph, checked=True)
+        return _pack(b"OUT_", rows, version, out.action.numpy().astype("<i8").tobytes()
+                     + out.log_prob.numpy().astype("<f4").tobytes() + out.value.numpy().astype("<f4").tobytes())
+
+
+def child_main(fd: int, threads: int, seed: int) -> int:
+    # Ctrl-C reaches the whole process group; the server drains on it and still needs us meanwhile.
+    # We end when the server closes the socket (or exits: the kernel closes it then).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=fd)
+    child = _Child(threads, seed)
+    sock.sendall(_pack(b"OKAY"))  # ready: torch is imported
+    while True:
+        try:
+            kind, a, b, length = HEADER.unpack(_recv_exact(sock, HEADER.size))
+            payload = _recv_exact(sock, length)
+        except (EOFError, ConnectionError):
+            return 0  # the server went away or closed us: nothing left to answer
+        try:
+            if kind == b"LOAD":
+                answer = child.load(a, payload)
+            elif kind == b"RUN ":
+                answer = child.run(a, b, payload)
+            else:
+                raise ValueError(f"unknown message kind {kind!r}")
+        except Exception as e:  # noqa: BLE001 - the server hears about every failure
+            answer = _pack(b"FAIL", payload=f"{type(e).__name__}: {e}".encode())
+        sock.sendall(answer)
+
+
+# --- the server's side ------------------------------------------------------------------------------------------
+
+class ProcessForward:
+    """The batcher's forward pass, run by a child process: `await forward(model, obs, mask, unit, greedy)`.
+
+    Start on the event loop (`await start()`); `preload(model)` is for the model holder's loading thread.
+    """
+
+    def __init__(self, *, threads: int = 1, seed: int = 0, start_timeout: float = 120.0):
+        self.threads, self.seed, self.start_timeout = threads, seed, start_timeout
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock: asyncio.Lock | None = None  # one request -> reply exchange at a time
+        self._loaded: dict[int, object] = {}  # version -> the ServedModel the child holds
+        self._closed = False
+
+    @property
+    def loaded_versions(self) -> list[int]:
+        """Versions the child holds now (the served one, and the next one once preloaded)."""
+        return sorted(self._loaded)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._lock = asyncio.Lock()
+        async with self._lock:
+            await self._spawn()
+
+    async def _spawn(self) -> None:
+        ours, theirs = socket.socketpair()
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service.forward_process", "--fd", str(theirs.fileno()),
+                 "--threads", str(self.threads), "--seed", str(self.seed)],
+                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=1 << 20)
+        self._loaded = {}
+        try:
+            kind, _, _, _ = await asyncio.wait_for(self._read_reply(), self.start_timeout)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
+            await self._kill()
+            raise RuntimeError(f"the forward worker process did not start ({type(e).__name__})") from None
+        if kind != b"OKAY":
+            await self._kill()
+            raise RuntimeError(f"the forward worker process did not start (said {kind!r})")
+        log.info("forward worker process %d ready", self.proc.pid)
+
+    async def _read_reply(self) -> tuple[bytes, int, int, bytes]:
+        kind, a, b, length = HEADER.unpack(await self._reader.readexactly(HEADER.size))
+        return kind, a, b, await self._reader.readexactly(length)
+
+    async def _exchange(self, message: bytes) -> tuple[bytes, int, int, bytes]:
+        self._writer.write(message)
+        return await self._read_reply()
+
+    async def _load(self, model) -> None:
+        """Send one version to the child (caller holds the lock)."""
+        from safetensors.torch import save as st_save
+
+        config = json.dumps(model.policy.config).encode()
+        weights = st_save({k: v.detach().contiguous() for k, v in model.policy.state_dict().items()})
+        kind, _, _, payload = await self._exchange(
+            _pack(b"LOAD", model.version, 0, struct.pack("<I", len(config)) + config + weights))
+        if kind != b"OKAY":
+            raise RuntimeError(f"the forward worker could not load version {model.version}: "
+                               f"{payload.decode(errors='replace')}")
+        self._loaded[model.version] = model
+        for old in sorted(self._loaded)[:-KEEP_VERSIONS]:
+            del self._loaded[old]
+
+    async def load(self, model) -> None:
+        async with self._lock:
+            if self._dead():
+                await self._respawn()
+            await self._load(model)
+
+    def preload(self, model) -> None:
+        """Blocking: load `model` into the child before it is swapped in. For the holder's loading thread
+        (never the event loop's own thread, which this call would deadlock)."""
+        if self._loop is None:
+            raise RuntimeError("ProcessForward.start() has not run")
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            raise RuntimeError("preload() blocks; call it from a thread, or await load() on the loop")
+        asyncio.run_coroutine_threadsafe(self.load(model), self._loop).result(self.start_timeout)
+
+    def _dead(self) -> bool:
+        return self.proc is None or self.proc.poll() is not None or self._writer is None \
+            or self._writer.is_closing()
+
+    async def _respawn(self) -> None:
+        code = None if self.proc is None else self.proc.poll()
+        log.error("forward worker process exited (code %s); starting a new one", code)
+        await self._kill()
+        self.restarts += 1
+        await self._spawn()
+
+    async def __call__(self, model, obs: np.ndarray, mask: np.ndarray, unit: np.ndarray,
+                       greedy: np.ndarray) -> Outputs:
+        if self._closed:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server shutting down")
+        rows = obs.shape[0]
+        message = _pack(b"RUN ", rows, model.version, b"".join((
+            np.ascontiguousarray(obs, "<f4").tobytes(), np.ascontiguousarray(mask, np.bool_).tobytes(),
+            np.ascontiguousarray(unit, "<i8").tobytes(), np.ascontiguousarray(greedy, np.bool_).tobytes())))
+        async with self._lock:
+            try:
+                if self._dead():
+                    await self._respawn()
+                if model.version not in self._loaded:  # a model that did not come through preload
+                    await self._load(model)
+                kind, a, _, payload = await self._exchange(message)
+            except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+                await self._kill()  # the next batch starts a new worker
+                raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                                   f"the forward worker process died ({type(e).__name__}); retry") from None
+        if kind != b"OUT_" or a != rows:
+            raise RuntimeError(f"forward worker: {payload.decode(errors='replace') if kind == b'FAIL' else kind}")
+        action = np.frombuffer(payload, "<i8", rows, 0)
+        log_prob = np.frombuffer(payload, "<f4", rows, 8 * rows)
+        value = np.frombuffer(payload, "<f4", rows, 12 * rows)
+        return Outputs(model.version, action, log_prob, np.exp(log_prob), value)
+
+    async def _kill(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if proc is not None:
+            await asyncio.get_running_loop().run_in_executor(None, proc.wait)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Close the socket (the child exits on EOF); kill it if it has not exited within `timeout`."""
+        self._closed = True
+        if self._lock is None:
+            return
+        async with self._lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            proc, self.proc = self.proc, None
+            if proc is None:
+                return
+            wait = asyncio.get_running_loop().run_in_executor(None, proc.wait)
+            try:
+                await asyncio.wait_for(wait, timeout)
+            except asyncio.TimeoutError:
+                log.warning("forward worker process %d did not exit in %.0f s; killing it", proc.pid, timeout)
+                proc.kill()
+                await asyncio.get_running_loop().run_in_executor(None, proc.wait)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Phalanx's forward-pass worker. `phalanx serve` starts it with one end "
+                                            "of a socket pair; it is not meant to be run by hand.")
+    p.add_argument("--fd", type=int, required=True, help="file descriptor of the socket to the server")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
+    args = p.parse_args(argv)
+    return child_main(args.fd, args.threads, args.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The forward worker process (service/forward_process.py): same answers as the policy, versions, a dying worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from service.forward_process import ProcessForward, _Child
+from service.validation import RequestError
+from trainer.policy import Policy
+from trainer.sim import load_scenario
+
+
+@pytest.fixture(scope="module")
+def sc():
+    return load_scenario("3m")
+
+
+def _model(sc, version: int, seed: int):
+    torch.manual_seed(seed)
+    return SimpleNamespace(version=version, policy=Policy.for_scenario(sc, critic="local", hidden=16).eval())
+
+
+def _rows(sc, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    obs = rng.standard_normal((n, sc.obs_size)).astype(np.float32)
+    mask = rng.random((n, sc.n_actions)) < 0.5
+    mask[:, 1] = True
+    return obs, mask, np.arange(n, dtype=np.int64) % sc.n_agents
+
+
+def _local(model, obs, mask, unit):
+    out = model.policy.act(torch.from_numpy(obs), torch.from_numpy(mask), torch.from_numpy(unit), True)
+    return out.action.numpy(), out.log_prob.numpy(), out.value.numpy()
+
+
+def test_the_worker_answers_like_the_policy_follows_versions_and_replaces_itself_when_it_dies(sc):
+    v1, v2 = _model(sc, 1, seed=1), _model(sc, 2, seed=2)
+    obs, mask, unit = _rows(sc, 40)
+    greedy = np.ones(40, dtype=bool)
+
+    async def main():
+        pf = ProcessForward()
+        await pf.start()
+        try:
+            await pf.load(v1)
+            first = await pf(v1, obs, mask, unit, greedy)
+            second = await pf(v2, obs, mask, unit, greedy)  # never preloaded: loaded on first use
+            again = await pf(v1, obs, mask, unit, greedy)  # both versions stay loaded across a swap
+            sampled = await pf(v1, obs, mask, unit, np.zeros(40, dtype=bool))
+
+            # the worker dies with a batch in flight: that batch fails UNAVAILABLE, the next gets a new worker
+            pid = pf.proc.pid
+            os.kill(pid, signal.SIGSTOP)
+            in_flight = asyncio.create_task(pf(v1, obs, mask, unit, greedy))
+            await asyncio.sleep(0.2)
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(RequestError) as died:
+                await in_flight
+            after = await pf(v1, obs, mask, unit, greedy)
+            return first, second, again, sampled, died.value, after, pf.restarts, pf.proc.pid != pid
+        finally:
+            await pf.close()
+            assert pf.proc is None
+
+    first, second, again, sampled, died, after, restarts, new_pid = asyncio.run(main())
+    for out, model in ((first, v1), (second, v2), (again, v1), (after, v1)):
+        action, log_prob, value = _local(model, obs, mask, unit)
+        assert out.version == model.version
+        assert out.action.tolist() == action.tolist()
+        assert np.allclose(out.log_prob, log_prob, atol=1e-5) and np.allclose(out.value, value, atol=1e-4)
+        assert np.allclose(out.prob, np.exp(log_prob), atol=1e-5)
+    assert first.action.tolist() != second.action.tolist()  # two different networks really answered
+    assert mask[np.arange(40), sampled.action].all()
+    assert died.code == grpc.StatusCode.UNAVAILABLE and "died" in died.message
+    assert restarts == 1 and new_pid
+
+
+def test_the_child_refuses_malformed_runs_and_unknown_versions(sc):
+    import json
+    import struct
+
+    from safetensors.torch import save as st_save
+
+    child = _Child(threads=1, seed=0)
+    model = _model(sc, 3, seed=3)
+    config = json.dumps(model.policy.config).encode()
+    child.load(3, struct.pack("<I", len(config)) + config + st_save(dict(model.policy.state_dict())))
+    obs, mask, unit = _rows(sc, 2)
+    good = obs.tobytes() + mask.tobytes() + unit.tobytes() + np.ones(2, dtype=bool).tobytes()
+    assert child.run(2, 3, good)[:4] == b"OUT_"
+    with pytest.raises(ValueError, match="needs"):
+        child.run(2, 3, good[:-1])
+    with pytest.raises(KeyError, match="version 4 is not loaded"):
+        child.run(2, 4, good)
