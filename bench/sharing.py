@@ -1,67 +1,103 @@
 """The case for parameter sharing: shared vs per-type vs independent at equal samples.
 
-    python bench/sharing.py --scenarios 8m,2s3z --steps 6000000 --target 0.9
+    python bench/sharing.py --scenarios 8m --set envs=64 --seeds 0,1,2 --out sharing_8m.png
+    python bench/sharing.py --scenarios 2s3z --set envs=64 --seeds 0,1,2 --out sharing_2s3z.png
     python bench/sharing.py --scenarios 3m --steps 200000 --out /tmp/sharing.png     # a quick check
 
-Every mode trains for the same number of environment steps (so the same number of unit samples) with the
-same seed and defaults; the greedy win rate is evaluated every --eval-every steps. Reports, per scenario and
-mode, the samples and minutes at which the target was first reached, and draws every curve (win rate
-against samples) into one PNG. Ends with one JSON line, including `independent_over_shared`: the ratio of
-samples independent learners needed to those shared needed (the goal: >= 2).
+Every mode trains for the same number of environment steps (so about the same number of unit samples) from
+the same seeds with `phalanx train`'s defaults (plus any --set overrides, the same for every mode); the
+greedy win rate is evaluated every --eval-every steps. Reports, per scenario and mode, the unit samples at
+which each seed first reached the target (a seed that never did counts its whole budget) and the median
+over seeds, and draws every curve (win rate against samples) into one PNG. Ends with one JSON line, with
+`independent_over_shared`: the median over seeds of the samples independent learners needed divided by
+those shared needed (the goal: >= 2).
 """
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench._overrides import parse_overrides  # noqa: E402
 from trainer.ppo import TrainConfig, train  # noqa: E402
 
 MODES = ("shared", "per-type", "independent")
+
+
+def first_hit(history: list[dict], target: float) -> dict | None:
+    return next((r for r in history if r["win_rate"] >= target), None)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenarios", default="8m,2s3z")
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--steps", type=int, default=6_000_000, help="environment steps per run (equal for all modes)")
+    ap.add_argument("--steps", type=int, default=1_500_000, help="environment steps per run (equal for all modes)")
     ap.add_argument("--target", type=float, default=0.9)
-    ap.add_argument("--eval-every", type=int, default=200_000)
+    ap.add_argument("--eval-every", type=int, default=50_000)
     ap.add_argument("--eval-episodes", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds; every mode runs once per seed")
     ap.add_argument("--out", default="sharing.png", help="PNG with every curve")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a TrainConfig field for every mode, e.g. --set envs=64 (repeatable)")
     args = ap.parse_args()
+    overrides = parse_overrides(args.set)
     models = tempfile.mkdtemp(prefix="phalanx-sharing-")
     scenarios = [s for s in args.scenarios.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]
-    results: dict = {}
-    curves: dict = {}
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    runs: dict = {}  # (scenario, mode, seed) -> result
+    curves: dict = {}  # (scenario, mode, seed) -> [(samples, win rate)]
     for sc in scenarios:
-        results[sc], curves[sc] = {}, {}
+        for seed in seeds:
+            for mode in modes:
+                cfg = TrainConfig(models=models, name=f"{sc}-{mode}-{seed}", scenario=sc, sharing=mode,
+                                  steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+                                  seed=seed, progress=False, **overrides)
+                run = train(cfg)
+                hit = first_hit(run.history, args.target)
+                r = runs[sc, mode, seed] = {
+                    "samples_to_target": hit["samples"] if hit else None,
+                    "steps_to_target": hit["steps"] if hit else None,
+                    "minutes_to_target": hit["minutes"] if hit else None,
+                    "final_win_rate": run.summary["final_eval_win_rate"],
+                    "best_win_rate": run.summary["best_eval_win_rate"],
+                    "minutes": run.summary["minutes"], "samples": run.summary["samples"]}
+                curves[sc, mode, seed] = [(h["samples"], h["win_rate"]) for h in run.history]
+                print(f"{sc:>6} {mode:>11} seed {seed}: target {args.target} at {r['samples_to_target']} samples / "
+                      f"{r['minutes_to_target']} min; final {r['final_win_rate']:.3f}, best {r['best_win_rate']:.3f}",
+                      flush=True)
+
+    # Per scenario: each mode's samples to the target, median over seeds (a run that never got there counts
+    # as its whole budget, so the ratio is then a lower bound), and the goal's ratio independent / shared.
+    results: dict = {}
+    for sc in scenarios:
+        results[sc] = {}
         for mode in modes:
-            cfg = TrainConfig(models=models, name=f"{sc}-{mode}", scenario=sc, sharing=mode, steps=args.steps,
-                              eval_every=args.eval_every, eval_episodes=args.eval_episodes, seed=args.seed,
-                              progress=False)
-            run = train(cfg)
-            hist = run.history
-            hit = next((r for r in hist if r["win_rate"] >= args.target), None)
-            results[sc][mode] = {"samples_to_target": hit["samples"] if hit else None,
-                                 "steps_to_target": hit["steps"] if hit else None,
-                                 "minutes_to_target": hit["minutes"] if hit else None,
-                                 "final_win_rate": run.summary["final_eval_win_rate"],
-                                 "best_win_rate": run.summary["best_eval_win_rate"],
-                                 "minutes": run.summary["minutes"], "samples": run.summary["samples"]}
-            curves[sc][mode] = [(r["samples"], r["win_rate"]) for r in hist]
+            per_seed = [runs[sc, mode, s] for s in seeds]
+            need = [r["samples_to_target"] or r["samples"] for r in per_seed]
+            results[sc][mode] = {"samples_to_target": float(statistics.median(need)),
+                                 "reached": sum(r["samples_to_target"] is not None for r in per_seed),
+                                 "runs": len(per_seed), "per_seed": per_seed}
+        if "shared" in modes and "independent" in modes:
+            ratios = [(runs[sc, "independent", s]["samples_to_target"] or runs[sc, "independent", s]["samples"])
+                      / runs[sc, "shared", s]["samples_to_target"]
+                      for s in seeds if runs[sc, "shared", s]["samples_to_target"]]  # no ratio where shared missed
+            results[sc]["independent_over_shared"] = round(float(statistics.median(ratios)), 3) if ratios else None
+            results[sc]["independent_over_shared_per_seed"] = [round(x, 3) for x in ratios]
+            results[sc]["lower_bound"] = any(runs[sc, "independent", s]["samples_to_target"] is None for s in seeds)
+
+    print(f"\n{'scenario':>8} {'mode':>11} {'median samples to target':>26} {'reached':>8}")
+    for sc in scenarios:
+        for mode in modes:
             r = results[sc][mode]
-            print(f"{sc:>6} {mode:>11}: target {args.target} at {r['samples_to_target']} samples / "
-                  f"{r['minutes_to_target']} min; final {r['final_win_rate']:.3f}, best {r['best_win_rate']:.3f}",
-                  flush=True)
-        s, i = results[sc].get("shared", {}), results[sc].get("independent", {})
-        if s.get("samples_to_target") and i:
-            need = i.get("samples_to_target")
-            results[sc]["independent_over_shared"] = (need / s["samples_to_target"]) if need else f"> {results[sc]['independent']['samples'] / s['samples_to_target']:.2f} (independent never reached the target)"
+            print(f"{sc:>8} {mode:>11} {r['samples_to_target']:>26,.0f} {r['reached']:>5}/{r['runs']}")
+        if "independent_over_shared" in results[sc]:
+            print(f"{sc:>8} independent / shared = {results[sc]['independent_over_shared']} (per seed "
+                  f"{results[sc]['independent_over_shared_per_seed']})")
 
     import matplotlib
     matplotlib.use("Agg")
@@ -69,17 +105,21 @@ def main() -> None:
 
     fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 4.5), squeeze=False,
                              constrained_layout=True)
+    colors = dict(zip(MODES, ("tab:blue", "tab:orange", "tab:green")))
     for ax, sc in zip(axes[0], scenarios):
         for mode in modes:
-            xs, ys = zip(*curves[sc][mode]) if curves[sc][mode] else ((), ())
-            ax.plot(xs, ys, marker=".", label=mode)
+            for i, seed in enumerate(seeds):
+                xs, ys = zip(*curves[sc, mode, seed]) if curves[sc, mode, seed] else ((), ())
+                ax.plot(xs, ys, marker=".", color=colors.get(mode), alpha=0.9 if i == 0 else 0.5,
+                        label=mode if i == 0 else None)
         ax.axhline(args.target, color="grey", ls="--", lw=0.8)
-        ax.set(title=f"{sc}: equal samples", xlabel="unit samples", ylabel="greedy win rate", ylim=(-0.02, 1.02))
+        ax.set(title=f"{sc}: equal samples, seeds {args.seeds}", xlabel="unit samples", ylabel="greedy win rate",
+               ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.savefig(args.out, dpi=100)
-    print(json.dumps({"bench": "sharing", "steps": args.steps, "target": args.target, "plot": args.out,
-                      "results": results}))
+    print(json.dumps({"bench": "sharing", "steps": args.steps, "target": args.target, "seeds": seeds,
+                      "overrides": overrides, "plot": args.out, "results": results}))
 
 
 if __name__ == "__main__":

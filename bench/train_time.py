@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench._overrides import parse_overrides  # noqa: E402
 from trainer.ppo import TrainConfig, evaluate, train  # noqa: E402
 from trainer.sim import load_scenario  # noqa: E402
 from trainer.sim.baselines import BASELINES  # noqa: E402
@@ -35,13 +36,7 @@ def main() -> None:
                     help="override a TrainConfig field, e.g. --set envs=256 --set lr=3e-4 (repeatable)")
     args = ap.parse_args()
     models = args.models or tempfile.mkdtemp(prefix="phalanx-bench-")
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)  # numbers, true/false
-        except json.JSONDecodeError:
-            overrides[key] = value  # plain strings such as sharing=per-type
+    overrides = parse_overrides(args.set)
     results = {}
     for name in [s for s in args.scenario.split(",") if s]:
         sc = load_scenario(name)

@@ -140,7 +140,10 @@ def child_main(fd: int, threads: int, seed: int) -> int:
                 raise ValueError(f"unknown message kind {kind!r}")
         except Exception as e:  # noqa: BLE001 - the server hears about every failure
             answer = _pack(b"FAIL", payload=f"{type(e).__name__}: {e}".encode())
-        sock.sendall(answer)
+        try:
+            sock.sendall(answer)
+        except (BrokenPipeError, ConnectionError):
+            return 0  # the server closed the socket while we computed (shutdown): nobody waits for this
 
 
 # --- the server's side ------------------------------------------------------------------------------------------
@@ -220,6 +223,8 @@ class ProcessForward:
             del self._loaded[old]
 
     async def load(self, model) -> None:
+        if self._closed:
+            raise RuntimeError("the forward worker is shut down")
         async with self._lock:
             if self._dead():
                 await self._respawn()

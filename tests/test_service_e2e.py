@@ -99,6 +99,8 @@ def test_serve_and_play_commands(service_repo):
     root, scenario, policy = service_repo
     _, want_wins, want_returns = play_locally(policy, scenario, 4, 3)
     proc, ready = _start_serve(root)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    workers = children.read_text().split() if children.exists() else None  # the forward worker (Linux only)
     try:
         assert ready["event"] == "listening" and ready["version"] == 1 and ready["address"].startswith("127.0.0.1:")
         play = subprocess.run([sys.executable, "-m", "service", "play", "--server", ready["address"], "--scenario", "3m",
@@ -119,6 +121,9 @@ def test_serve_and_play_commands(service_repo):
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["event"] == "stopped"
     assert "listening on 127.0.0.1:" in err and "serving m version 1" in err
+    if workers is not None:
+        assert len(workers) == 1, workers
+        assert not Path(f"/proc/{workers[0]}").exists(), "the forward worker process outlived the server"
 
 
 def test_sigterm_finishes_calls_in_flight(service_repo):

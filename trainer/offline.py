@@ -67,8 +67,8 @@ class OfflineConfig:
     """Parameter sharing of a fresh policy (a resumed one keeps its own)."""
     hidden: int = 64
     """Hidden width of a fresh policy."""
-    agent_id: bool = False
-    """A fresh policy appends the unit slot's one-hot to its input."""
+    agent_id: bool = True
+    """A fresh policy appends the unit slot's one-hot to its input (as `phalanx train` does by default)."""
     unit_type: bool = False
     """A fresh policy appends the unit type's one-hot to its input."""
     resume: str | None = None

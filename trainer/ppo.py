@@ -57,8 +57,10 @@ class TrainConfig:
     """central: MAPPO critic on the global state, one value per game; local: IPPO critic on each unit's obs."""
     hidden: int = 64
     """Width of every hidden layer."""
-    agent_id: bool = False
-    """Append the unit slot's one-hot to the actor's (and a local critic's) input."""
+    agent_id: bool = True
+    """Append the unit slot's one-hot to the actor's (and a local critic's) input. On by default: one shared
+    network can then give slots different roles, and it learns faster (3m: 95% in 2.7 min, where without it
+    the policy plateaus at 90-93%; bench/RESULTS.md)."""
     unit_type: bool = False
     """Append the unit type's one-hot to the actor's input."""
     recurrent: bool = False
