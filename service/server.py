@@ -2,8 +2,9 @@
 
 One request's path: `Act` below validates it against the served model's spec (service/validation.py),
 hands its rows to the dynamic batcher (service/batcher.py), which runs one forward pass for many requests
-through the model holder (service/model_holder.py) in a worker thread, and the caller's future comes back
-with its slice of the outputs. Metrics (service/metrics.py) are counted on the way out.
+off the event loop: in the forward worker process (service/forward_process.py) holding the version that the
+model holder (service/model_holder.py) serves, or in a thread through the holder itself; the caller's future
+comes back with its slice of the outputs. Metrics (service/metrics.py) are counted on the way out.
 """
 
 from __future__ import annotations
