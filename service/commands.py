@@ -99,11 +99,16 @@ def cmd_serve(args) -> int:
                           "metrics_port": running.metrics_port, "model": config.name,
                           "version": model.version if model else None}), flush=True)
 
+    from service.forward_process import WorkerStartError
+
     try:
         summary = asyncio.run(serve(config, on_listening=listening))
     except (OSError, ValueError) as e:
         print(f"phalanx serve: {e}", file=sys.stderr)
         return 2
+    except WorkerStartError as e:
+        print(f"phalanx serve: {e}; see its error above, or run with --forward-worker thread", file=sys.stderr)
+        return 1
     print(json.dumps(summary), flush=True)
     return 0
 

@@ -148,6 +148,10 @@ def child_main(fd: int, threads: int, seed: int) -> int:
 
 # --- the server's side ------------------------------------------------------------------------------------------
 
+class WorkerStartError(RuntimeError):
+    """The forward worker process did not come up (or did not say it was ready)."""
+
+
 class ProcessForward:
     """The batcher's forward pass, run by a child process: `await forward(model, obs, mask, unit, greedy)`.
 
@@ -181,10 +185,8 @@ class ProcessForward:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service.forward_process", "--fd", str(theirs.fileno()),
-                 "--threads", str(self.threads), "--seed", str(self.seed)],
-                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(self._command(theirs.fileno()), pass_fds=(theirs.fileno(),), env=env,
+                                         stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
         self._reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=1 << 20)
@@ -193,11 +195,15 @@ class ProcessForward:
             kind, _, _, _ = await asyncio.wait_for(self._read_reply(), self.start_timeout)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
             await self._kill()
-            raise RuntimeError(f"the forward worker process did not start ({type(e).__name__})") from None
+            raise WorkerStartError(f"the forward worker process did not start ({type(e).__name__})") from None
         if kind != b"OKAY":
             await self._kill()
-            raise RuntimeError(f"the forward worker process did not start (said {kind!r})")
+            raise WorkerStartError(f"the forward worker process did not start (said {kind!r})")
         log.info("forward worker process %d ready", self.proc.pid)
+
+    def _command(self, fd: int) -> list[str]:
+        return [sys.executable, "-m", "service.forward_process", "--fd", str(fd), "--threads", str(self.threads),
+                "--seed", str(self.seed)]
 
     async def _read_reply(self) -> tuple[bytes, int, int, bytes]:
         kind, a, b, length = HEADER.unpack(await self._reader.readexactly(HEADER.size))
@@ -273,6 +279,8 @@ class ProcessForward:
                 await self._kill()  # the next batch starts a new worker
                 raise RequestError(grpc.StatusCode.UNAVAILABLE,
                                    f"the forward worker process died ({type(e).__name__}); retry") from None
+            except WorkerStartError as e:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{e}; retry") from None
         if kind != b"OUT_" or a != rows:
             raise RuntimeError(f"forward worker: {payload.decode(errors='replace') if kind == b'FAIL' else kind}")
         action = np.frombuffer(payload, "<i8", rows, 0)

@@ -100,3 +100,24 @@ def test_the_child_refuses_malformed_runs_and_unknown_versions(sc):
         child.run(2, 3, good[:-1])
     with pytest.raises(KeyError, match="version 4 is not loaded"):
         child.run(2, 4, good)
+
+
+def test_a_worker_that_cannot_start_is_a_clear_error_and_requests_get_unavailable(sc, monkeypatch):
+    import sys
+
+    from service.forward_process import WorkerStartError
+
+    monkeypatch.setattr(ProcessForward, "_command", lambda self, fd: [sys.executable, "-c", "raise SystemExit(3)"])
+    obs, mask, unit = _rows(sc, 2)
+
+    async def main():
+        pf = ProcessForward(start_timeout=30)
+        with pytest.raises(WorkerStartError, match="did not start"):
+            await pf.start()
+        with pytest.raises(RequestError) as e:  # every batch tries a fresh worker, and says why it failed
+            await pf(_model(sc, 1, seed=1), obs, mask, unit, np.ones(2, dtype=bool))
+        await pf.close()
+        return e.value
+
+    error = asyncio.run(main())
+    assert error.code == grpc.StatusCode.UNAVAILABLE and "did not start" in error.message
