@@ -173,3 +173,14 @@ def test_serving_graph_gives_acts_answers_for_any_batch(sc, sharing, critic):
         assert torch.equal(eager.action, traced.action)
         assert torch.allclose(eager.log_prob, traced.log_prob, atol=1e-5)
         assert torch.allclose(eager.value, traced.value, atol=1e-4)
+
+
+def test_greedy_may_be_one_bool_for_every_row(sc):
+    policy = tiny(sc)
+    obs = torch.randn(50, sc.obs_size)
+    mask = torch.ones(50, sc.n_actions, dtype=torch.bool)
+    unit = torch.arange(50) % sc.n_agents
+    for flag in (True, False):
+        one = policy.act(obs, mask, unit, flag, generator=torch.Generator().manual_seed(9))
+        rows = policy.act(obs, mask, unit, torch.full((50,), flag), generator=torch.Generator().manual_seed(9))
+        assert torch.equal(one.action, rows.action) and torch.equal(one.log_prob, rows.log_prob)

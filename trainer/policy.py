@@ -295,7 +295,7 @@ class Policy(nn.Module):
 
     # --- serving ------------------------------------------------------------------------------------------
     def act_graph(self, obs: torch.Tensor, mask: torch.Tensor, unit: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The tensor work of `act`, free of Python branches on the data so that `torch.jit.trace` can record
         it once for every batch size (the service runs it that way: see `serving_graph`).
         obs (B, O), mask (B, N) bool, unit (B,) int64 -> log-probs (B, N), greedy action (B,), its log-prob (B,),
@@ -335,8 +335,8 @@ class Policy(nn.Module):
         if self.recurrent:
             raise ValueError("this policy is recurrent (GRU core): act() needs no hidden state, so it cannot "
                              "serve it; train a feed-forward policy (recurrent=False) to serve")
-        if isinstance(greedy, bool):
-            greedy = torch.full((obs.shape[0],), greedy) if not greedy else greedy
+        if greedy is False:
+            greedy = torch.zeros(obs.shape[0], dtype=torch.bool)  # every row samples
         if not checked:
             self._check_act_inputs(obs, mask, unit, greedy)
         if unit.dtype != torch.int64:
