@@ -50,6 +50,14 @@ class ServedModel:
     """The policy's serving graph (`Policy.serving_graph`); None: eager `act_graph` (tracing unavailable)."""
 
 
+def _test_rows(model: ServedModel, rows: int, gen: torch.Generator):
+    """Random inputs for a load-time check: obs (rows, O), mask (rows, N) with action 1 always legal, unit slots."""
+    obs = torch.randn(rows, model.obs_size, generator=gen)
+    mask = torch.rand(rows, model.n_actions, generator=gen) < 0.5
+    mask[:, 1] = True
+    return obs, mask, torch.arange(rows) % model.n_agents
+
+
 class ModelHolder:
     """Holds the served model. `current` is None until a version has loaded (requests get UNAVAILABLE)."""
 
@@ -187,10 +195,8 @@ class ModelHolder:
             graph = policy.serving_graph()
             gen = torch.Generator().manual_seed(1)
             for rows in (1, 3 * model.n_agents):
-                obs = torch.randn(rows, model.obs_size, generator=gen)
-                mask = torch.rand(rows, model.n_actions, generator=gen) < 0.5
-                mask[:, 1] = True
-                unit, greedy = torch.arange(rows) % model.n_agents, torch.ones(rows, dtype=torch.bool)
+                obs, mask, unit = _test_rows(model, rows, gen)
+                greedy = torch.ones(rows, dtype=torch.bool)
                 eager, traced = policy.act(obs, mask, unit, greedy), policy.act(obs, mask, unit, greedy, graph=graph)
                 if not (torch.equal(eager.action, traced.action)
                         and torch.allclose(eager.log_prob, traced.log_prob, rtol=1e-4, atol=1e-5)
@@ -206,10 +212,7 @@ class ModelHolder:
         """A forward pass on every agent slot (and the warm-up sizes) must give legal, finite answers."""
         gen = torch.Generator().manual_seed(0)
         for rows in (model.n_agents,) + tuple(self.warmup_batch_sizes):
-            obs = torch.randn(rows, model.obs_size, generator=gen)
-            mask = torch.rand(rows, model.n_actions, generator=gen) < 0.5
-            mask[:, 1] = True
-            unit = torch.arange(rows) % model.n_agents
+            obs, mask, unit = _test_rows(model, rows, gen)
             greedy = torch.arange(rows) % 2 == 0
             out = model.policy.act(obs, mask, unit, greedy, generator=gen, graph=model.graph)
             if out.action.shape != (rows,) or out.log_prob.shape != (rows,) or out.value.shape != (rows,):
