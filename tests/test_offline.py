@@ -117,6 +117,8 @@ def test_offline_command_refuses_what_does_not_apply(tmp_path, capsys):
     base = ["train", "--from-shards", str(tmp_path / "shards"), "--models", str(tmp_path / "m"), "--name", "x"]
     assert main(base + ["--critic", "central"]) == 2
     assert "--critic central applies to simulation training only" in capsys.readouterr().err
+    assert main(base + ["--ent-coef-final", "0"]) == 2
+    assert "--ent-coef-final applies to simulation training only" in capsys.readouterr().err
     assert main(base + ["--scenario", "8m"]) == 2
     err = capsys.readouterr().err
     assert "synthetic.parquet: logged under spec '3m'" in err and f"expected spec hash {load_scenario('8m').spec_hash}" in err

@@ -128,10 +128,19 @@ def test_target_win_rate_stops_early_and_resume_continues(tmp_path):
         train(tiny_cfg(tmp_path, scenario="8m", resume="1"))
 
 
+def test_entropy_bonus_anneals_to_its_final_value_over_the_budget(tmp_path):
+    # six iterations, an evaluation after every second: each row carries the bonus of its last iteration,
+    # whose budget fraction is (iteration - 1) / 6
+    run = train(tiny_cfg(tmp_path, steps=32 * 8 * 6, eval_every=32 * 8 * 2, ent_coef=0.06, ent_coef_final=0.0))
+    assert [r["ent_coef"] for r in run.history] == pytest.approx([0.06 * (1 - f / 6) for f in (1, 3, 5)])
+    constant = train(tiny_cfg(tmp_path, name="c", steps=32 * 8 * 4, eval_every=32 * 8 * 2, ent_coef=0.06))
+    assert [r["ent_coef"] for r in constant.history] == [0.06, 0.06]
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("envs", 0, "--envs must be >= 1"), ("sharing", "all", "--sharing must be one of"),
     ("target_win_rate", 1.5, "--target-win-rate"), ("resume", "newest", "--resume must be"),
-    ("name", "../x", "--name"), ("device", "tpu", "--device"),
+    ("name", "../x", "--name"), ("device", "tpu", "--device"), ("ent_coef_final", -0.1, "--ent-coef-final"),
 ])
 def test_bad_config_names_the_flag(tmp_path, field, value, message):
     with pytest.raises(TrainError, match=message):

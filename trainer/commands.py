@@ -59,6 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--minibatches", type=int, default=d.minibatches, help="minibatches per epoch")
     p.add_argument("--clip-coef", type=float, default=d.clip_coef, help="PPO clip")
     p.add_argument("--ent-coef", type=float, default=d.ent_coef, help="entropy bonus")
+    p.add_argument("--ent-coef-final", type=float, default=d.ent_coef_final,
+                   help="anneal the entropy bonus linearly to this value over the budget (default: constant)")
     p.add_argument("--vf-coef", type=float, default=d.vf_coef, help="value loss weight")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient norm clip")
     p.add_argument("--eval-every", type=int, default=d.eval_every,
@@ -118,7 +120,8 @@ def train_config_from_args(args) -> "TrainConfig":
         minutes=args.minutes, target_win_rate=args.target_win_rate, seed=args.seed, device=args.device,
         threads=args.threads, lr=args.lr, anneal_lr=not args.no_anneal_lr, gamma=args.gamma,
         gae_lambda=args.gae_lambda, epochs=args.epochs, minibatches=args.minibatches, clip_coef=args.clip_coef,
-        ent_coef=args.ent_coef, vf_coef=args.vf_coef, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
+        ent_coef=args.ent_coef, ent_coef_final=args.ent_coef_final, vf_coef=args.vf_coef,
+        max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
         eval_episodes=args.eval_episodes, resume=args.resume, log_dir=args.log_dir, metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr, pushgateway=args.pushgateway, progress=not args.no_progress)
 
@@ -130,7 +133,7 @@ def offline_config_from_args(args) -> "OfflineConfig":
     online_only = [flag for flag, given in (
         ("--critic central", args.critic == "central"), ("--recurrent", args.recurrent), ("--steps", args.steps),
         ("--minutes", args.minutes), ("--target-win-rate", args.target_win_rate), ("--eval-every", args.eval_every),
-        ("--metrics-port", args.metrics_port)) if given]
+        ("--metrics-port", args.metrics_port), ("--ent-coef-final", args.ent_coef_final is not None)) if given]
     if online_only:
         raise TrainError(f"--from-shards learns from logged single unit-steps with a local critic and no "
                          f"environment; {', '.join(online_only)} applies to simulation training only")

@@ -102,6 +102,9 @@ class TrainConfig:
     """Entropy bonus. High on purpose: the simulator is nearly deterministic, and with 0.01 the policy turns
     deterministic within ~100k steps and stalls at 40-80% on 3m; 0.05 keeps exploring, and the annealed
     learning rate lets the greedy policy settle at the end of the budget."""
+    ent_coef_final: float | None = None
+    """When set, the entropy bonus moves linearly from ent_coef to this value over the budget (like the
+    learning rate); None keeps it constant."""
     vf_coef: float = 0.5
     """Value loss weight."""
     max_grad_norm: float = 10.0
@@ -143,6 +146,9 @@ class TrainConfig:
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.minibatches >= 1, f"--minibatches must be >= 1, got {self.minibatches}"),
             (self.clip_coef > 0, f"--clip-coef must be > 0, got {self.clip_coef}"),
+            (self.ent_coef >= 0, f"--ent-coef must be >= 0, got {self.ent_coef}"),
+            (self.ent_coef_final is None or self.ent_coef_final >= 0,
+             f"--ent-coef-final must be >= 0, got {self.ent_coef_final}"),
             (self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm}"),
             (self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}"),
             (self.eval_episodes >= 1, f"--eval-episodes must be >= 1, got {self.eval_episodes}"),
@@ -412,6 +418,8 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
         lr = cfg.lr * max(1.0 - frac, 0.0) if cfg.anneal_lr else cfg.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
+        ent_coef = cfg.ent_coef if cfg.ent_coef_final is None else \
+            cfg.ent_coef + (cfg.ent_coef_final - cfg.ent_coef) * min(frac, 1.0)
         h0 = h.clone() if h is not None else None
 
         # --- 1. collect: every unit of every game acts on its own observation -------------------------------
@@ -502,7 +510,7 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
                     c_idx = critic_perm[m * n_critic // M:(m + 1) * n_critic // M]
                     mb.update({k: v[c_idx] for k, v in crit.items()})
                 loss, stats = ppo_loss(model, mb, clip_coef=cfg.clip_coef, vf_coef=cfg.vf_coef,
-                                       ent_coef=cfg.ent_coef, clip_vloss=cfg.clip_vloss)
+                                       ent_coef=ent_coef, clip_vloss=cfg.clip_vloss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -547,7 +555,7 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
                    "win_rate": ev["win_rate"], "return": round(ev["mean_return"], 4),
                    "train_win_rate": None if train_win is None else round(train_win, 4),
                    "train_return": None if train_ret is None else round(train_ret, 4),
-                   **{k: round(v, 6) for k, v in iter_stats.items()}, "lr": lr,
+                   **{k: round(v, 6) for k, v in iter_stats.items()}, "lr": lr, "ent_coef": ent_coef,
                    "agent_steps_per_s": round(agent_steps_per_s, 1), "version": version}
             history.append(row)
             _write_csv(csv_path, history)
