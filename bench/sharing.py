@@ -1,20 +1,27 @@
 """The case for parameter sharing: shared vs per-type vs independent at equal samples.
 
-    python bench/sharing.py --scenarios 8m --set envs=64 --seeds 0,1,2 --out sharing_8m.png
-    python bench/sharing.py --scenarios 2s3z --set envs=64 --seeds 0,1,2 --out sharing_2s3z.png
+    python bench/sharing.py --scenarios 8m --modes shared,independent --set envs=64 --seeds 0,1,2 --jobs 2 --out sharing_8m.png
+    python bench/sharing.py --scenarios 2s3z --set envs=64 --seeds 0,1,2 --jobs 2 --out sharing_2s3z.png
     python bench/sharing.py --scenarios 3m --steps 200000 --out /tmp/sharing.png     # a quick check
 
 Every mode trains for the same number of environment steps (so about the same number of unit samples) from
 the same seeds with `phalanx train`'s defaults (plus any --set overrides, the same for every mode); the
-greedy win rate is evaluated every --eval-every steps. Reports, per scenario and mode, the unit samples at
-which each seed first reached the target (a seed that never did counts its whole budget) and the median
-over seeds, and draws every curve (win rate against samples) into one PNG. Ends with one JSON line, with
-`independent_over_shared`: the median over seeds of the samples independent learners needed divided by
-those shared needed (the goal: >= 2).
+greedy win rate is evaluated every --eval-every steps. (On 8m per-type is shared: one unit type, one group.)
+
+Two measures of "reached the target", per run: `first`, the first evaluation at or above it, and
+`sustained`, the first evaluation at which the mean of the last --window evaluations is (a greedy policy can
+swing by tens of points between checkpoints, so a single evaluation above the target can be luck). For each,
+per scenario and mode: the unit samples each seed needed (a seed that never got there counts its whole
+budget) and the median over seeds; every curve (win rate against samples) goes into one PNG. Ends with one
+JSON line whose `independent_over_shared` is the median over seeds of the samples independent learners
+needed divided by those shared needed (the goal: >= 2; a lower bound where independent never got there).
+--jobs runs that many trainings at once, one core each.
 """
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -27,8 +34,48 @@ from trainer.ppo import TrainConfig, train  # noqa: E402
 MODES = ("shared", "per-type", "independent")
 
 
-def first_hit(history: list[dict], target: float) -> dict | None:
-    return next((r for r in history if r["win_rate"] >= target), None)
+def first_hit(history: list[dict], target: float, window: int = 1) -> dict | None:
+    """The first evaluation at which the mean win rate of the last `window` evaluations (this one included)
+    reaches the target. window=1: the first evaluation above it; a wider window asks the policy to stay there,
+    which a lucky evaluation of a policy that swings between checkpoints does not."""
+    for i in range(window - 1, len(history)):
+        if statistics.fmean(r["win_rate"] for r in history[i - window + 1:i + 1]) >= target:
+            return history[i]
+    return None
+
+
+def run_one(cfg: TrainConfig) -> dict:
+    """One training run (in a worker process when --jobs > 1): its evaluation history and summary."""
+    run = train(cfg)
+    return {"history": run.history, "summary": run.summary}
+
+
+def to_target(history: list[dict], summary: dict, target: float, window: int) -> dict:
+    hit = first_hit(history, target, window)
+    return {"samples_to_target": hit["samples"] if hit else None, "steps_to_target": hit["steps"] if hit else None,
+            "minutes_to_target": hit["minutes"] if hit else None, "samples": summary["samples"]}
+
+
+def summarise(runs: dict, scenarios: list, modes: list, seeds: list) -> dict:
+    """Per scenario: each mode's samples to the target, median over seeds (a run that never got there counts
+    as its whole budget, so the ratio is then a lower bound), and the goal's ratio independent / shared."""
+    results: dict = {}
+    for sc in scenarios:
+        results[sc] = {}
+        for mode in modes:
+            per_seed = [runs[sc, mode, s] for s in seeds]
+            need = [r["samples_to_target"] or r["samples"] for r in per_seed]
+            results[sc][mode] = {"samples_to_target": float(statistics.median(need)),
+                                 "reached": sum(r["samples_to_target"] is not None for r in per_seed),
+                                 "runs": len(per_seed), "per_seed": [r["samples_to_target"] for r in per_seed]}
+        if "shared" in modes and "independent" in modes:
+            ratios = [(runs[sc, "independent", s]["samples_to_target"] or runs[sc, "independent", s]["samples"])
+                      / runs[sc, "shared", s]["samples_to_target"]
+                      for s in seeds if runs[sc, "shared", s]["samples_to_target"]]  # no ratio where shared missed
+            results[sc]["independent_over_shared"] = round(float(statistics.median(ratios)), 3) if ratios else None
+            results[sc]["independent_over_shared_per_seed"] = [round(x, 3) for x in ratios]
+            results[sc]["lower_bound"] = any(runs[sc, "independent", s]["samples_to_target"] is None for s in seeds)
+    return results
 
 
 def main() -> None:
@@ -37,9 +84,13 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--steps", type=int, default=1_500_000, help="environment steps per run (equal for all modes)")
     ap.add_argument("--target", type=float, default=0.9)
+    ap.add_argument("--window", type=int, default=3,
+                    help="the 'sustained' measure: the mean of this many consecutive evaluations must reach the "
+                         "target (the 'first' measure is the first single evaluation that does)")
     ap.add_argument("--eval-every", type=int, default=50_000)
     ap.add_argument("--eval-episodes", type=int, default=256)
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; every mode runs once per seed")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once, in worker processes (one core each)")
     ap.add_argument("--out", default="sharing.png", help="PNG with every curve")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a TrainConfig field for every mode, e.g. --set envs=64 (repeatable)")
@@ -49,55 +100,40 @@ def main() -> None:
     scenarios = [s for s in args.scenarios.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    runs: dict = {}  # (scenario, mode, seed) -> result
+    keys = [(sc, mode, seed) for sc in scenarios for seed in seeds for mode in modes]
+    configs = {(sc, mode, seed): TrainConfig(
+        models=models, name=f"{sc}-{mode}-{seed}", scenario=sc, sharing=mode, steps=args.steps,
+        eval_every=args.eval_every, eval_episodes=args.eval_episodes, seed=seed, progress=False, **overrides)
+        for sc, mode, seed in keys}
+    print(f"{len(keys)} runs, {args.jobs} at a time; models and CSV logs under {models}", flush=True)
+
+    measures = {"first": 1, "sustained": args.window}
+    runs: dict = {m: {} for m in measures}  # measure -> (scenario, mode, seed) -> samples to target
     curves: dict = {}  # (scenario, mode, seed) -> [(samples, win rate)]
-    for sc in scenarios:
-        for seed in seeds:
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_one, configs[k]): k for k in keys}
+        for fut in concurrent.futures.as_completed(futures):
+            sc, mode, seed = key = futures[fut]
+            out = fut.result()
+            for m, window in measures.items():
+                runs[m][key] = to_target(out["history"], out["summary"], args.target, window)
+            curves[key] = [(h["samples"], h["win_rate"]) for h in out["history"]]
+            first, sustained = runs["first"][key], runs["sustained"][key]
+            print(f"{sc:>6} {mode:>11} seed {seed}: target {args.target} first at {first['samples_to_target']} "
+                  f"samples / {first['minutes_to_target']} min, sustained ({args.window} evaluations) at "
+                  f"{sustained['samples_to_target']} samples; final {out['summary']['final_eval_win_rate']:.3f}, "
+                  f"best {out['summary']['best_eval_win_rate']:.3f}", flush=True)
+
+    results = {m: summarise(runs[m], scenarios, modes, seeds) for m in measures}
+    for m in measures:
+        print(f"\n{m}: {'scenario':>8} {'mode':>11} {'median samples to target':>26} {'reached':>8}")
+        for sc in scenarios:
             for mode in modes:
-                cfg = TrainConfig(models=models, name=f"{sc}-{mode}-{seed}", scenario=sc, sharing=mode,
-                                  steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
-                                  seed=seed, progress=False, **overrides)
-                run = train(cfg)
-                hit = first_hit(run.history, args.target)
-                r = runs[sc, mode, seed] = {
-                    "samples_to_target": hit["samples"] if hit else None,
-                    "steps_to_target": hit["steps"] if hit else None,
-                    "minutes_to_target": hit["minutes"] if hit else None,
-                    "final_win_rate": run.summary["final_eval_win_rate"],
-                    "best_win_rate": run.summary["best_eval_win_rate"],
-                    "minutes": run.summary["minutes"], "samples": run.summary["samples"]}
-                curves[sc, mode, seed] = [(h["samples"], h["win_rate"]) for h in run.history]
-                print(f"{sc:>6} {mode:>11} seed {seed}: target {args.target} at {r['samples_to_target']} samples / "
-                      f"{r['minutes_to_target']} min; final {r['final_win_rate']:.3f}, best {r['best_win_rate']:.3f}",
-                      flush=True)
-
-    # Per scenario: each mode's samples to the target, median over seeds (a run that never got there counts
-    # as its whole budget, so the ratio is then a lower bound), and the goal's ratio independent / shared.
-    results: dict = {}
-    for sc in scenarios:
-        results[sc] = {}
-        for mode in modes:
-            per_seed = [runs[sc, mode, s] for s in seeds]
-            need = [r["samples_to_target"] or r["samples"] for r in per_seed]
-            results[sc][mode] = {"samples_to_target": float(statistics.median(need)),
-                                 "reached": sum(r["samples_to_target"] is not None for r in per_seed),
-                                 "runs": len(per_seed), "per_seed": per_seed}
-        if "shared" in modes and "independent" in modes:
-            ratios = [(runs[sc, "independent", s]["samples_to_target"] or runs[sc, "independent", s]["samples"])
-                      / runs[sc, "shared", s]["samples_to_target"]
-                      for s in seeds if runs[sc, "shared", s]["samples_to_target"]]  # no ratio where shared missed
-            results[sc]["independent_over_shared"] = round(float(statistics.median(ratios)), 3) if ratios else None
-            results[sc]["independent_over_shared_per_seed"] = [round(x, 3) for x in ratios]
-            results[sc]["lower_bound"] = any(runs[sc, "independent", s]["samples_to_target"] is None for s in seeds)
-
-    print(f"\n{'scenario':>8} {'mode':>11} {'median samples to target':>26} {'reached':>8}")
-    for sc in scenarios:
-        for mode in modes:
-            r = results[sc][mode]
-            print(f"{sc:>8} {mode:>11} {r['samples_to_target']:>26,.0f} {r['reached']:>5}/{r['runs']}")
-        if "independent_over_shared" in results[sc]:
-            print(f"{sc:>8} independent / shared = {results[sc]['independent_over_shared']} (per seed "
-                  f"{results[sc]['independent_over_shared_per_seed']})")
+                r = results[m][sc][mode]
+                print(f"{sc:>8} {mode:>11} {r['samples_to_target']:>26,.0f} {r['reached']:>5}/{r['runs']}")
+            if "independent_over_shared" in results[m][sc]:
+                print(f"{sc:>8} independent / shared = {results[m][sc]['independent_over_shared']} (per seed "
+                      f"{results[m][sc]['independent_over_shared_per_seed']})")
 
     import matplotlib
     matplotlib.use("Agg")
@@ -118,7 +154,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.savefig(args.out, dpi=100)
-    print(json.dumps({"bench": "sharing", "steps": args.steps, "target": args.target, "seeds": seeds,
+    print(json.dumps({"bench": "sharing", "steps": args.steps, "target": args.target, "window": args.window, "seeds": seeds,
                       "overrides": overrides, "plot": args.out, "results": results}))
 
 
