@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="most unit rows waiting; beyond it requests get RESOURCE_EXHAUSTED (default 8192)")
     p.add_argument("--poll-seconds", type=float, default=5.0,
                    help="how often to look for a new model version (default 5; 0 = never)")
+    p.add_argument("--min-eval-win-rate", type=float, metavar="W",
+                   help="serve only versions whose card records an evaluation win rate >= W (0..1): a training "
+                        "run's weak checkpoints are skipped, never swapped in (default: any version)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default: off)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="interface of /metrics (default 127.0.0.1)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key: TLS on)")
@@ -85,7 +88,7 @@ def cmd_serve(args) -> int:
     config = ServeConfig(
         models=args.models, name=args.name, version=args.version, host=args.host, port=args.port,
         max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms, max_queue=args.max_queue,
-        poll_seconds=args.poll_seconds, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+        poll_seconds=args.poll_seconds, min_eval_win_rate=args.min_eval_win_rate, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
         grace_seconds=args.grace_seconds, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
         torch_threads=args.torch_threads, forward_worker=args.forward_worker, seed=args.seed,

@@ -49,6 +49,9 @@ class ServiceMetrics:
         self.reload_failures = Counter(
             "phalanx_model_reload_failures_total", "Model versions refused (corrupt, incompatible, failed test "
             "forward); the previous version kept serving.", registry=r)
+        self.versions_below_bar = Counter(
+            "phalanx_model_versions_below_bar_total", "Model versions not served because their card's evaluation "
+            "win rate is missing or below --min-eval-win-rate.", registry=r)
         # The experience log (service/experience.py; all zero while --experience-dir is off).
         self.experience_rows = Counter(
             "phalanx_experience_rows_total", "Unit-steps written to experience shard files.", registry=r)

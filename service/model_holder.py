@@ -34,6 +34,10 @@ class IncompatibleModelError(Exception):
     """A model that loads but cannot be served in place of the current one."""
 
 
+class BelowBarError(Exception):
+    """A sound version whose card's evaluation win rate is below the service's --min-eval-win-rate."""
+
+
 @dataclass(frozen=True)
 class ServedModel:
     """One loaded, validated version and the spec that requests are checked against."""
@@ -63,9 +67,12 @@ class ModelHolder:
 
     def __init__(self, repository: ModelRepository, name: str, *, version: int | None = None,
                  poll_seconds: float = 5.0, warmup_batch_sizes: tuple[int, ...] = (1, 64), seed: int = 0,
-                 metrics: ServiceMetrics, before_swap: Callable[[ServedModel], None] | None = None):
+                 metrics: ServiceMetrics, before_swap: Callable[[ServedModel], None] | None = None,
+                 min_eval_win_rate: float | None = None):
         if poll_seconds < 0:
             raise ValueError(f"poll_seconds must be >= 0 (0 = never poll), got {poll_seconds}")
+        if min_eval_win_rate is not None and not 0 <= min_eval_win_rate <= 1:
+            raise ValueError(f"min_eval_win_rate must lie in [0, 1], got {min_eval_win_rate}")
         self.repository = repository
         self.name = name
         self.pinned = version
@@ -78,6 +85,9 @@ class ModelHolder:
         # Called in the loading thread with a validated version before it is swapped in (the forward worker
         # process loads it then); raising keeps the old version serving, and the version is tried again later.
         self.before_swap = before_swap
+        # A trainer publishes a version at every evaluation, and a greedy policy can swing by tens of points
+        # between checkpoints: with a bar, only versions whose card shows an evaluation at or above it serve.
+        self.min_eval_win_rate = min_eval_win_rate
         self._generator = torch.Generator().manual_seed(seed)  # sampling in `forward` (the in-process worker)
         self._lock = threading.Lock()  # one load at a time
 
@@ -85,8 +95,10 @@ class ModelHolder:
     def require(self) -> ServedModel:
         model = self.current
         if model is None:
+            bar = "" if self.min_eval_win_rate is None else \
+                f" with an evaluation win rate >= {self.min_eval_win_rate}"
             raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                               f"no model loaded yet: waiting for a complete version of {self.name!r} in "
+                               f"no model loaded yet: waiting for a complete version of {self.name!r}{bar} in "
                                f"{self.repository.root}")
         return model
 
@@ -125,14 +137,18 @@ class ModelHolder:
         if self.pinned is not None:
             return False
         with self._lock:
-            newest = self.repository.latest(self.name)
-            if newest is None or newest <= self.current.version or newest in self.refused:
-                return False
-            return self._try(newest)
+            newer = [v for v in self.repository.versions(self.name) if v > self.current.version]
+            # newest first; an older one still gets its turn when the newest is refused (say, below the bar)
+            return any(self._try(v) for v in sorted(newer, reverse=True) if v not in self.refused)
 
     def _try(self, version: int) -> bool:
         try:
             model = self._prepare(version)
+        except BelowBarError as e:  # not a fault: counted apart from the reload failures that page someone
+            self.refused[version] = str(e)
+            self.metrics.versions_below_bar.inc()
+            log.info("model %s version %d not served: %s", self.name, version, e)
+            return False
         except (ModelLoadError, IncompatibleModelError, ValueError, RuntimeError) as e:
             self.refused[version] = str(e)
             self.metrics.reload_failures.inc()
@@ -164,6 +180,10 @@ class ModelHolder:
         """Load, validate and warm one version off the request path."""
         loaded = self.repository.load(self.name, version)
         policy, card = loaded.policy, loaded.card
+        bar, win = self.min_eval_win_rate, card.get("eval_win_rate")
+        if bar is not None and (not isinstance(win, (int, float)) or win < bar):
+            shown = "no evaluation" if not isinstance(win, (int, float)) else f"evaluation win rate {win:.3f}"
+            raise BelowBarError(f"its card shows {shown}, below --min-eval-win-rate {bar}")
         spec = card["spec"]
         model = ServedModel(self.name, loaded.version, policy, card, str(spec["name"]), str(spec["hash"]),
                             int(spec["obs_size"]), int(spec["n_actions"]), int(spec["n_agents"]))

@@ -62,6 +62,8 @@ class ServeConfig:
     """Most unit rows waiting; beyond it requests get RESOURCE_EXHAUSTED at once."""
     poll_seconds: float = 5.0
     """How often to look for a new model version (0 = never)."""
+    min_eval_win_rate: float | None = None
+    """Serve only versions whose card records an evaluation win rate at or above this (None = any)."""
     metrics_port: int | None = None
     """Serve Prometheus /metrics on this port (None = off)."""
     metrics_host: str = "127.0.0.1"
@@ -268,11 +270,13 @@ class RunningServer:
         self.config = config
         if config.forward_worker not in FORWARD_WORKERS:
             raise ValueError(f"forward_worker must be one of {', '.join(FORWARD_WORKERS)}, got {config.forward_worker!r}")
+        if config.min_eval_win_rate is not None and not 0 <= config.min_eval_win_rate <= 1:
+            raise ValueError(f"--min-eval-win-rate must lie in [0, 1], got {config.min_eval_win_rate}")
         self.metrics = ServiceMetrics(registry)
         self.process = (ProcessForward(threads=config.torch_threads, seed=config.seed)
                         if config.forward_worker == "process" else None)
         self.holder = ModelHolder(ModelRepository(config.models), config.name, version=config.version,
-                                  poll_seconds=config.poll_seconds,
+                                  poll_seconds=config.poll_seconds, min_eval_win_rate=config.min_eval_win_rate,
                                   warmup_batch_sizes=(1, min(64, config.max_batch_size), config.max_batch_size),
                                   seed=config.seed, metrics=self.metrics,
                                   before_swap=None if self.process is None else self.process.preload)

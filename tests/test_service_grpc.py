@@ -344,6 +344,44 @@ def test_hot_reload_picks_up_a_new_version_and_refuses_corrupt_and_incompatible_
     assert (reloads, failures, gauge, info_version) == (1, 2, 2, 2)
 
 
+def test_a_win_rate_bar_serves_only_versions_whose_evaluation_reached_it(service_repo):
+    root, scenario, _ = service_repo  # version 1: no evaluation on its card
+    repo = ModelRepository(root)
+    obs, mask, _ = sim_inputs(scenario, games=1, steps=1)
+
+    def publish(win_rate):
+        return repo.save("m", Policy.for_scenario(scenario, critic="local"), scenario=scenario, step=1,
+                         eval_win_rate=win_rate)
+
+    async def main():
+        # poll_seconds=0: no background polls, so each check below sees exactly the versions written before it
+        async with serving(root, poll_seconds=0, min_eval_win_rate=0.6) as running, \
+                AsyncClient(running.address, retries=0) as client:
+            holder, served = running.holder, []
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.act(obs[0], mask[0], 0)
+            waiting = (e.value.code(), e.value.details())
+            publish(0.9), publish(0.3)  # 2 and 3 land between two checks: the newest is weak, 2 must win
+            assert await asyncio.to_thread(holder.check_for_update)
+            served.append((await client.act(obs[0], mask[0], 0)).model_version)
+            publish(0.95), publish(0.2)  # the same while serving: 4 replaces 2
+            assert await asyncio.to_thread(holder.check_for_update)
+            served.append((await client.act(obs[0], mask[0], 0)).model_version)
+            publish(0.5)
+            assert not await asyncio.to_thread(holder.check_for_update)
+            served.append((await client.act(obs[0], mask[0], 0)).model_version)
+            m = running.metrics
+            return waiting, served, dict(holder.refused), m.versions_below_bar._value.get(), m.reload_failures._value.get()
+
+    waiting, served, refused, below, failures = asyncio.run(main())
+    assert waiting[0] == grpc.StatusCode.UNAVAILABLE and "evaluation win rate >= 0.6" in waiting[1]
+    assert served == [2, 4, 4]
+    assert sorted(refused) == [1, 3, 5, 6] and "no evaluation" in refused[1] and "0.300" in refused[3]
+    assert (below, failures) == (4, 0)  # weak checkpoints are not reload failures
+    with pytest.raises(ValueError, match="--min-eval-win-rate"):
+        asyncio.run(start_server(ServeConfig(models=root, name="m", port=0, min_eval_win_rate=1.5), CollectorRegistry()))
+
+
 def test_pinned_version_is_served_even_when_newer_ones_exist(service_repo):
     root, scenario, _ = service_repo
     ModelRepository(root).save("m", Policy.for_scenario(scenario), scenario=scenario, step=1, eval_win_rate=None)
