@@ -108,7 +108,7 @@ def main() -> None:
     print(f"{len(keys)} runs, {args.jobs} at a time; models and CSV logs under {models}", flush=True)
 
     measures = {"first": 1, "sustained": args.window}
-    runs: dict = {m: {} for m in measures}  # measure -> (scenario, mode, seed) -> samples to target
+    runs: dict = {m: {} for m in measures}  # measure -> (scenario, mode, seed) -> to_target(...)
     curves: dict = {}  # (scenario, mode, seed) -> [(samples, win rate)]
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_one, configs[k]): k for k in keys}
