@@ -88,7 +88,8 @@ def cmd_serve(args) -> int:
     config = ServeConfig(
         models=args.models, name=args.name, version=args.version, host=args.host, port=args.port,
         max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms, max_queue=args.max_queue,
-        poll_seconds=args.poll_seconds, min_eval_win_rate=args.min_eval_win_rate, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+        poll_seconds=args.poll_seconds, min_eval_win_rate=args.min_eval_win_rate, metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
         grace_seconds=args.grace_seconds, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
         torch_threads=args.torch_threads, forward_worker=args.forward_worker, seed=args.seed,
