@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"(default {d.critic}; --from-shards: always local)")
     p.add_argument("--hidden", type=int, default=d.hidden, help="hidden layer width")
     p.add_argument("--agent-id", action=argparse.BooleanOptionalAction, default=d.agent_id,
-                   help="append the unit slot's one-hot to the input (turn it off for 5m_vs_6m, "
-                        "where it stalls training near 40%%: see bench/RESULTS.md)")
+                   help="append the unit slot's one-hot to the input (on 5m_vs_6m it stalls training near "
+                        "40%% unless --ent-coef 0.1 or --no-agent-id: see bench/RESULTS.md)")
     p.add_argument("--unit-type", action="store_true", help="append the unit type's one-hot to the input")
     p.add_argument("--recurrent", action="store_true", help="GRU core in the actor (cannot be served)")
     p.add_argument("--envs", type=int, default=d.envs, help="games played at once (per rank)")

@@ -61,7 +61,7 @@ class TrainConfig:
     """Append the unit slot's one-hot to the actor's (and a local critic's) input. On by default: one shared
     network can then give slots different roles, and it learns faster (3m: 95% in 2.7 min, where without it
     the policy plateaus at 90-93%; 8m and 2s3z in half the time). The exception measured: 5m_vs_6m, where it
-    stalls near 40% and without it training reaches 95-99% (bench/RESULTS.md)."""
+    stalls near 40% with ent_coef 0.05 (95-99% without it, 94% with it and ent_coef 0.1; bench/RESULTS.md)."""
     unit_type: bool = False
     """Append the unit type's one-hot to the actor's input."""
     recurrent: bool = False
