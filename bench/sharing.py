@@ -154,7 +154,8 @@ def main() -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.savefig(args.out, dpi=100)
-    print(json.dumps({"bench": "sharing", "steps": args.steps, "target": args.target, "window": args.window, "seeds": seeds,
+    print(json.dumps({"bench": "sharing", "steps": args.steps, "target": args.target, "window": args.window,
+                      "seeds": seeds,
                       "overrides": overrides, "plot": args.out, "results": results}))
 
 

@@ -72,7 +72,7 @@ class ModelHolder:
         if poll_seconds < 0:
             raise ValueError(f"poll_seconds must be >= 0 (0 = never poll), got {poll_seconds}")
         if min_eval_win_rate is not None and not 0 <= min_eval_win_rate <= 1:
-            raise ValueError(f"min_eval_win_rate must lie in [0, 1], got {min_eval_win_rate}")
+            raise ValueError(f"--min-eval-win-rate must lie in [0, 1], got {min_eval_win_rate}")
         self.repository = repository
         self.name = name
         self.pinned = version

@@ -270,8 +270,6 @@ class RunningServer:
         self.config = config
         if config.forward_worker not in FORWARD_WORKERS:
             raise ValueError(f"forward_worker must be one of {', '.join(FORWARD_WORKERS)}, got {config.forward_worker!r}")
-        if config.min_eval_win_rate is not None and not 0 <= config.min_eval_win_rate <= 1:
-            raise ValueError(f"--min-eval-win-rate must lie in [0, 1], got {config.min_eval_win_rate}")
         self.metrics = ServiceMetrics(registry)
         self.process = (ProcessForward(threads=config.torch_threads, seed=config.seed)
                         if config.forward_worker == "process" else None)
