@@ -178,12 +178,14 @@ class ModelHolder:
 
     def _prepare(self, version: int) -> ServedModel:
         """Load, validate and warm one version off the request path."""
+        bar = self.min_eval_win_rate
+        if bar is not None:  # the card alone decides: a version below the bar is never loaded
+            win = self.repository.load_card(self.name, version)[0]["eval_win_rate"]
+            if win is None or win < bar:
+                shown = "no evaluation" if win is None else f"evaluation win rate {win:.3f}"
+                raise BelowBarError(f"its card shows {shown}, below --min-eval-win-rate {bar}")
         loaded = self.repository.load(self.name, version)
         policy, card = loaded.policy, loaded.card
-        bar, win = self.min_eval_win_rate, card.get("eval_win_rate")
-        if bar is not None and (not isinstance(win, (int, float)) or win < bar):
-            shown = "no evaluation" if not isinstance(win, (int, float)) else f"evaluation win rate {win:.3f}"
-            raise BelowBarError(f"its card shows {shown}, below --min-eval-win-rate {bar}")
         spec = card["spec"]
         model = ServedModel(self.name, loaded.version, policy, card, str(spec["name"]), str(spec["hash"]),
                             int(spec["obs_size"]), int(spec["n_actions"]), int(spec["n_agents"]))

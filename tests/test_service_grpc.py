@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import threading
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -367,7 +368,8 @@ def test_a_win_rate_bar_serves_only_versions_whose_evaluation_reached_it(service
             publish(0.95), publish(0.2)  # the same while serving: 4 replaces 2
             assert await asyncio.to_thread(holder.check_for_update)
             served.append((await client.act(obs[0], mask[0], 0)).model_version)
-            publish(0.5)
+            weak = publish(0.5)  # and its weights are never read: the card alone refuses it
+            (Path(root) / "m" / str(weak) / "weights.safetensors").write_bytes(b"never read")
             assert not await asyncio.to_thread(holder.check_for_update)
             served.append((await client.act(obs[0], mask[0], 0)).model_version)
             m = running.metrics
@@ -377,6 +379,7 @@ def test_a_win_rate_bar_serves_only_versions_whose_evaluation_reached_it(service
     assert waiting[0] == grpc.StatusCode.UNAVAILABLE and "evaluation win rate >= 0.6" in waiting[1]
     assert served == [2, 4, 4]
     assert sorted(refused) == [1, 3, 5, 6] and "no evaluation" in refused[1] and "0.300" in refused[3]
+    assert "0.500" in refused[6]
     assert (below, failures) == (4, 0)  # weak checkpoints are not reload failures
     with pytest.raises(ValueError, match="--min-eval-win-rate"):
         asyncio.run(start_server(ServeConfig(models=root, name="m", port=0, min_eval_win_rate=1.5), CollectorRegistry()))

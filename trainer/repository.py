@@ -139,6 +139,14 @@ class ModelRepository:
     # --- reading --------------------------------------------------------------------------------------
     def load(self, name: str, version: int | None = None, device: str | torch.device = "cpu") -> LoadedModel:
         """Load and validate a version (default: the newest complete one). Raises ModelLoadError."""
+        card, version, path = self.load_card(name, version)
+        policy = policy_from_card(card, path / CARD_FILE)
+        load_weights(policy, path / WEIGHTS_FILE)
+        return LoadedModel(policy.to(device).eval(), card, version, path)
+
+    def load_card(self, name: str, version: int | None = None) -> tuple[dict, int, Path]:
+        """A version's validated card, without touching its weights: (card, version, directory).
+        Raises ModelLoadError."""
         try:
             check_name(name)
         except ValueError as e:
@@ -158,9 +166,7 @@ class ModelRepository:
         if card["name"] != name or card["version"] != version:
             raise ModelLoadError(f"{path / CARD_FILE}: card names {card['name']!r} version {card['version']!r}, "
                                  f"but it is stored as {name!r} version {version}")
-        policy = policy_from_card(card, path / CARD_FILE)
-        load_weights(policy, path / WEIGHTS_FILE)
-        return LoadedModel(policy.to(device).eval(), card, version, path)
+        return card, version, path
 
 
 # --- validation helpers (also useful on their own) -----------------------------------------------------------
