@@ -16,6 +16,13 @@ budget) and the median over seeds; every curve (win rate against samples) goes i
 JSON line whose `independent_over_shared` is the median over seeds of the samples independent learners
 needed divided by those shared needed (the goal: >= 2; a lower bound where independent never got there).
 --jobs runs that many trainings at once, one core each.
+
+A mode may name which samples train the actor after a colon (TrainConfig.actor_rows): `shared:one-unit` trains
+the shared network on one random live unit per game step, `shared:game-subset` on every live unit of a random
+share of the game steps (as many samples). Both play the same games as `shared`; they probe where sharing's gain
+comes from (more units per game step, or more game steps):
+
+    python bench/sharing.py --scenarios 8m --modes shared,shared:one-unit,shared:game-subset,independent --set envs=64 --seeds 0,1,2 --jobs 2
 """
 
 import argparse
@@ -69,11 +76,13 @@ def summarise(runs: dict, scenarios: list, modes: list, seeds: list) -> dict:
                                  "reached": sum(r["samples_to_target"] is not None for r in per_seed),
                                  "runs": len(per_seed), "per_seed": [r["samples_to_target"] for r in per_seed]}
         if "shared" in modes and "independent" in modes:
-            ratios = [(runs[sc, "independent", s]["samples_to_target"] or runs[sc, "independent", s]["samples"])
-                      / runs[sc, "shared", s]["samples_to_target"]
-                      for s in seeds if runs[sc, "shared", s]["samples_to_target"]]  # no ratio where shared missed
+            per_seed = [round((runs[sc, "independent", s]["samples_to_target"] or runs[sc, "independent", s]["samples"])
+                              / runs[sc, "shared", s]["samples_to_target"], 3)
+                        if runs[sc, "shared", s]["samples_to_target"] else None  # no ratio where shared missed
+                        for s in seeds]
+            ratios = [x for x in per_seed if x is not None]
             results[sc]["independent_over_shared"] = round(float(statistics.median(ratios)), 3) if ratios else None
-            results[sc]["independent_over_shared_per_seed"] = [round(x, 3) for x in ratios]
+            results[sc]["independent_over_shared_per_seed"] = per_seed  # in --seeds order; None: shared missed
             results[sc]["lower_bound"] = any(runs[sc, "independent", s]["samples_to_target"] is None for s in seeds)
     return results
 
@@ -102,7 +111,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     keys = [(sc, mode, seed) for sc in scenarios for seed in seeds for mode in modes]
     configs = {(sc, mode, seed): TrainConfig(
-        models=models, name=f"{sc}-{mode}-{seed}", scenario=sc, sharing=mode, steps=args.steps,
+        models=models, name=f"{sc}-{mode.replace(':', '-')}-{seed}", scenario=sc, sharing=mode.partition(":")[0],
+        **({"actor_rows": mode.partition(":")[2]} if ":" in mode else {}), steps=args.steps,
         eval_every=args.eval_every, eval_episodes=args.eval_episodes, seed=seed, progress=False, **overrides)
         for sc, mode, seed in keys}
     print(f"{len(keys)} runs, {args.jobs} at a time; models and CSV logs under {models}", flush=True)
@@ -119,18 +129,18 @@ def main() -> None:
                 runs[m][key] = to_target(out["history"], out["summary"], args.target, window)
             curves[key] = [(h["samples"], h["win_rate"]) for h in out["history"]]
             first, sustained = runs["first"][key], runs["sustained"][key]
-            print(f"{sc:>6} {mode:>11} seed {seed}: target {args.target} first at {first['samples_to_target']} "
+            print(f"{sc:>6} {mode:>18} seed {seed}: target {args.target} first at {first['samples_to_target']} "
                   f"samples / {first['minutes_to_target']} min, sustained ({args.window} evaluations) at "
                   f"{sustained['samples_to_target']} samples; final {out['summary']['final_eval_win_rate']:.3f}, "
                   f"best {out['summary']['best_eval_win_rate']:.3f}", flush=True)
 
     results = {m: summarise(runs[m], scenarios, modes, seeds) for m in measures}
     for m in measures:
-        print(f"\n{m}: {'scenario':>8} {'mode':>11} {'median samples to target':>26} {'reached':>8}")
+        print(f"\n{m}: {'scenario':>8} {'mode':>18} {'median samples to target':>26} {'reached':>8}")
         for sc in scenarios:
             for mode in modes:
                 r = results[m][sc][mode]
-                print(f"{sc:>8} {mode:>11} {r['samples_to_target']:>26,.0f} {r['reached']:>5}/{r['runs']}")
+                print(f"{sc:>8} {mode:>18} {r['samples_to_target']:>26,.0f} {r['reached']:>5}/{r['runs']}")
             if "independent_over_shared" in results[m][sc]:
                 print(f"{sc:>8} independent / shared = {results[m][sc]['independent_over_shared']} (per seed "
                       f"{results[m][sc]['independent_over_shared_per_seed']})")
@@ -141,7 +151,8 @@ def main() -> None:
 
     fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 4.5), squeeze=False,
                              constrained_layout=True)
-    colors = dict(zip(MODES, ("tab:blue", "tab:orange", "tab:green")))
+    colors = dict(zip(MODES + ("shared:one-unit", "shared:game-subset"),
+                      ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red")))
     for ax, sc in zip(axes[0], scenarios):
         for mode in modes:
             for i, seed in enumerate(seeds):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trainer.policy import Policy
-from trainer.ppo import TrainConfig, TrainError, evaluate, gae, ppo_loss, train
+from trainer.ppo import TrainConfig, TrainError, evaluate, gae, ppo_loss, select_actor_rows, train
 from trainer.repository import ModelRepository
 from trainer.sim import load_scenario
 
@@ -137,10 +137,28 @@ def test_entropy_bonus_anneals_to_its_final_value_over_the_budget(tmp_path):
     assert [r["ent_coef"] for r in constant.history] == [0.06, 0.06]
 
 
+def test_actor_row_probes_keep_the_rows_they_name(tmp_path):
+    # the sharing bench's probes: one live unit per game step, or whole game steps with as many samples
+    torch.manual_seed(0)
+    alive = torch.rand(16, 64, 8) < 0.6
+    alive[0, 0] = False  # a game step with no live unit
+    assert torch.equal(select_actor_rows(alive, "all"), alive)
+    one = select_actor_rows(alive, "one-unit")
+    assert not (one & ~alive).any() and torch.equal(one.sum(2), alive.any(2).long())
+    assert len(set(one.float().argmax(2)[alive.any(2)].tolist())) == 8  # the unit is drawn, not always slot 0
+    games = select_actor_rows(alive, "game-subset")
+    kept_steps = games.any(2)
+    assert not (games & ~alive).any() and torch.equal(games[kept_steps], alive[kept_steps])
+    assert abs(int(games.sum()) - int(one.sum())) < 0.15 * int(one.sum())
+    run = train(tiny_cfg(tmp_path, actor_rows="one-unit"))  # and a training run takes it
+    assert run.summary["steps"] == 32 * 8 * 3
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("envs", 0, "--envs must be >= 1"), ("sharing", "all", "--sharing must be one of"),
     ("target_win_rate", 1.5, "--target-win-rate"), ("resume", "newest", "--resume must be"),
     ("name", "../x", "--name"), ("device", "tpu", "--device"), ("ent_coef_final", -0.1, "--ent-coef-final"),
+    ("actor_rows", "half", "actor_rows must be one of"),
 ])
 def test_bad_config_names_the_flag(tmp_path, field, value, message):
     with pytest.raises(TrainError, match=message):

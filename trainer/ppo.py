@@ -39,6 +39,9 @@ class TrainError(ValueError):
     """A training option or input broke a rule; the message names it."""
 
 
+ACTOR_ROWS = ("all", "one-unit", "game-subset")
+
+
 @dataclass
 class TrainConfig:
     """Everything one `phalanx train` run needs, parsed once at the CLI edge."""
@@ -126,6 +129,11 @@ class TrainConfig:
     """Prometheus Pushgateway URL: metrics are pushed at each evaluation and at the end."""
     progress: bool = True
     """Show a tqdm progress bar on stderr (without it, one line per evaluation is printed there)."""
+    actor_rows: str = "all"
+    """Which live units' samples train the actor (and a local critic): all (the pooled update); one-unit (one
+    live unit per game step, at random); game-subset (every live unit of a random share of the game steps, as
+    many samples as one-unit). A probe for bench/sharing.py, not a training option: it asks whether sharing's
+    gain comes from more units per game step or from more game steps. Not exposed by `phalanx train`."""
 
     def __post_init__(self):
         self.validate()
@@ -159,6 +167,8 @@ class TrainConfig:
             (self.resume is None or self.resume == "latest" or (self.resume.isdigit() and int(self.resume) > 0),
              f"--resume must be a positive version number or 'latest', got {self.resume!r}"),
             (self.device == "cpu" or self.device.startswith("cuda"), f"--device must be cpu or cuda[:N], got {self.device!r}"),
+            (self.actor_rows in ACTOR_ROWS, f"actor_rows must be one of {', '.join(ACTOR_ROWS)}, got {self.actor_rows!r}"),
+            (self.actor_rows == "all" or not self.recurrent, "actor_rows other than 'all' needs a feed-forward actor"),
         ]
         for ok, message in check:
             if not ok:
@@ -167,6 +177,20 @@ class TrainConfig:
             check_name(self.name)
         except ValueError as e:
             raise TrainError(f"--name: {e}") from None
+
+
+def select_actor_rows(alive: torch.Tensor, how: str) -> torch.Tensor:
+    """(T, E, A) live-unit mask -> the rows that train the actor (see TrainConfig.actor_rows)."""
+    if how == "all":
+        return alive
+    if how == "one-unit":  # a random live unit of each game step that has one
+        score = torch.rand(alive.shape, device=alive.device).masked_fill(~alive, -1.0)
+        pick = score.argmax(2, keepdim=True)
+        return torch.zeros_like(alive).scatter_(2, pick, True) & alive
+    if how == "game-subset":  # all live units of a random share of the game steps, sized like one-unit
+        share = float(alive.any(2).sum()) / max(float(alive.sum()), 1.0)
+        return alive & (torch.rand(alive.shape[:2] + (1,), device=alive.device) < share)
+    raise ValueError(f"unknown actor_rows {how!r}")
 
 
 # --- the loss -------------------------------------------------------------------------------------------------
@@ -479,7 +503,7 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
                        starts=b_start.repeat_interleave(A, dim=1))
             n_actor = E * A
         else:  # flat rows; dead units' samples are dropped (masked out of the loss)
-            live = b_alive.reshape(-1)
+            live = select_actor_rows(b_alive, cfg.actor_rows).reshape(-1)
             rows = dict(obs=b_obs.reshape(-1, O)[live], mask=b_mask.reshape(-1, N)[live],
                         unit=unit_flat.repeat(T)[live], actions=b_actions.reshape(-1)[live],
                         old_log_prob=b_logprob.reshape(-1)[live], advantages=unit_adv.reshape(-1)[live])
