@@ -133,7 +133,8 @@ def test_entropy_bonus_anneals_to_its_final_value_over_the_budget(tmp_path):
     # whose budget fraction is (iteration - 1) / 6
     run = train(tiny_cfg(tmp_path, steps=32 * 8 * 6, eval_every=32 * 8 * 2, ent_coef=0.06, ent_coef_final=0.0))
     assert [r["ent_coef"] for r in run.history] == pytest.approx([0.06 * (1 - f / 6) for f in (1, 3, 5)])
-    constant = train(tiny_cfg(tmp_path, name="c", steps=32 * 8 * 4, eval_every=32 * 8 * 2, ent_coef=0.06))
+    constant = train(tiny_cfg(tmp_path, name="c", steps=32 * 8 * 4, eval_every=32 * 8 * 2, ent_coef=0.06,
+                              ent_coef_final=None))
     assert [r["ent_coef"] for r in constant.history] == [0.06, 0.06]
 
 

@@ -45,6 +45,8 @@ def test_train_then_eval_end_to_end(tmp_path):
     rows = list(csv.DictReader(open(summary["csv"])))
     assert [int(r["steps"]) for r in rows] == [512, 1024]
     assert {"minutes", "samples", "win_rate", "return", "pg_loss", "v_loss", "entropy", "approx_kl"} <= set(rows[0])
+    # the default entropy bonus anneals 0.1 -> 0.02: the 2nd and 4th of four iterations use 1/4 and 3/4 of the way
+    assert [float(r["ent_coef"]) for r in rows] == pytest.approx([0.08, 0.04])
     assert Path(summary["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     ev = subprocess.run([sys.executable, "-m", "service.cli", "eval", "--models", str(models), "--name", "e2e",

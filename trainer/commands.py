@@ -17,7 +17,15 @@ from trainer.sim.scenario import ScenarioError
 BASELINE_NAMES = ("random", "attack-nearest", "focus-fire")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none to show (the help text says what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    from trainer.offline import OfflineConfig
     from trainer.ppo import TrainConfig
 
     d = TrainConfig(models=".", name="x")  # the defaults, shown in --help
@@ -27,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "each evaluation and at the end, writes a CSV curve and a PNG plot, and prints "
                                    "one JSON line. Under `torchrun --nproc-per-node K` it trains with "
                                    "DistributedDataParallel (gloo on CPU, nccl on GPU).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     p.add_argument("--models", required=True, help="model repository root")
     p.add_argument("--name", required=True, help="model name in the repository")
     p.add_argument("--scenario", help=f"scenario name (see `phalanx scenarios`); default {d.scenario}, with "
@@ -40,8 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"(default {d.critic}; --from-shards: always local)")
     p.add_argument("--hidden", type=int, default=d.hidden, help="hidden layer width")
     p.add_argument("--agent-id", action=argparse.BooleanOptionalAction, default=d.agent_id,
-                   help="append the unit slot's one-hot to the input (on 5m_vs_6m it stalls training near "
-                        "40%% unless --ent-coef 0.1 or --no-agent-id: see bench/RESULTS.md)")
+                   help="append the unit slot's one-hot to the input (with a constant --ent-coef 0.05 it "
+                        "stalled 5m_vs_6m near 40%%; the default entropy anneal does not: bench/RESULTS.md)")
     p.add_argument("--unit-type", action="store_true", help="append the unit type's one-hot to the input")
     p.add_argument("--recurrent", action="store_true", help="GRU core in the actor (cannot be served)")
     p.add_argument("--envs", type=int, default=d.envs, help="games played at once (per rank)")
@@ -59,9 +67,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per rollout")
     p.add_argument("--minibatches", type=int, default=d.minibatches, help="minibatches per epoch")
     p.add_argument("--clip-coef", type=float, default=d.clip_coef, help="PPO clip")
-    p.add_argument("--ent-coef", type=float, default=d.ent_coef, help="entropy bonus")
-    p.add_argument("--ent-coef-final", type=float, default=d.ent_coef_final,
-                   help="anneal the entropy bonus linearly to this value over the budget (default: constant)")
+    p.add_argument("--ent-coef", type=float,
+                   help=f"entropy bonus at the start (default {d.ent_coef}; --from-shards: a constant "
+                        f"{OfflineConfig.ent_coef})")
+    p.add_argument("--ent-coef-final", type=float,
+                   help=f"entropy bonus at the end of the budget, reached linearly like the learning rate's anneal "
+                        f"(default {d.ent_coef_final}; give --ent-coef's value for a constant bonus)")
     p.add_argument("--vf-coef", type=float, default=d.vf_coef, help="value loss weight")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient norm clip")
     p.add_argument("--eval-every", type=int, default=d.eval_every,
@@ -88,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Play --episodes games at once (BattleSim with --seed) and count the first "
                                    "episode of each; greedy unless --sample. `phalanx play --games N --seed S` "
                                    "against the service reproduces the greedy games action for action.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     p.add_argument("--models", help="model repository root")
     p.add_argument("--name", help="model name in the repository")
     p.add_argument("--version", type=int, help="model version (default: the newest)")
@@ -121,8 +132,9 @@ def train_config_from_args(args) -> "TrainConfig":
         minutes=args.minutes, target_win_rate=args.target_win_rate, seed=args.seed, device=args.device,
         threads=args.threads, lr=args.lr, anneal_lr=not args.no_anneal_lr, gamma=args.gamma,
         gae_lambda=args.gae_lambda, epochs=args.epochs, minibatches=args.minibatches, clip_coef=args.clip_coef,
-        ent_coef=args.ent_coef, ent_coef_final=args.ent_coef_final, vf_coef=args.vf_coef,
-        max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
+        ent_coef=TrainConfig.ent_coef if args.ent_coef is None else args.ent_coef,
+        ent_coef_final=TrainConfig.ent_coef_final if args.ent_coef_final is None else args.ent_coef_final,
+        vf_coef=args.vf_coef, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
         eval_episodes=args.eval_episodes, resume=args.resume, log_dir=args.log_dir, metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr, pushgateway=args.pushgateway, progress=not args.no_progress)
 
@@ -144,9 +156,9 @@ def offline_config_from_args(args) -> "OfflineConfig":
         unit_type=args.unit_type, resume=args.resume, iterations=args.iterations, epochs=args.epochs,
         minibatches=args.minibatches, lr=args.lr, anneal_lr=not args.no_anneal_lr, gamma=args.gamma,
         lam=args.gae_lambda, rho_bar=args.rho_bar, c_bar=args.c_bar, clip_coef=args.clip_coef,
-        ent_coef=args.ent_coef, vf_coef=args.vf_coef, max_grad_norm=args.max_grad_norm,
-        eval_episodes=args.eval_episodes, seed=args.seed, device=args.device, threads=args.threads,
-        log_dir=args.log_dir, progress=not args.no_progress)
+        ent_coef=OfflineConfig.ent_coef if args.ent_coef is None else args.ent_coef, vf_coef=args.vf_coef,
+        max_grad_norm=args.max_grad_norm, eval_episodes=args.eval_episodes, seed=args.seed, device=args.device,
+        threads=args.threads, log_dir=args.log_dir, progress=not args.no_progress)
 
 
 def cmd_train_offline(args) -> int:
