@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.cli import main
+from service.cli import build_parser, main
+from trainer.commands import offline_config_from_args, train_config_from_args
 from trainer.offline import OfflineConfig, backward_plan, train_offline, vtrace
 from trainer.policy import Policy
 from trainer.ppo import TrainError
@@ -119,6 +120,11 @@ def test_offline_command_refuses_what_does_not_apply(tmp_path, capsys):
     assert "--critic central applies to simulation training only" in capsys.readouterr().err
     assert main(base + ["--ent-coef-final", "0"]) == 2
     assert "--ent-coef-final applies to simulation training only" in capsys.readouterr().err
+    # the entropy flags' defaults differ by mode: online anneals 0.1 -> 0.02, offline keeps a constant 0.05
+    assert offline_config_from_args(build_parser().parse_args(base)).ent_coef == 0.05
+    online = train_config_from_args(build_parser().parse_args(["train", "--models", "m", "--name", "x"]))
+    assert (online.ent_coef, online.ent_coef_final) == (0.1, 0.02)
+    assert offline_config_from_args(build_parser().parse_args(base + ["--ent-coef", "0.2"])).ent_coef == 0.2
     assert main(base + ["--scenario", "8m"]) == 2
     err = capsys.readouterr().err
     assert "synthetic.parquet: logged under spec '3m'" in err and f"expected spec hash {load_scenario('8m').spec_hash}" in err
