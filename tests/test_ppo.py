@@ -128,6 +128,17 @@ def test_target_win_rate_stops_early_and_resume_continues(tmp_path):
         train(tiny_cfg(tmp_path, scenario="8m", resume="1"))
 
 
+def test_target_window_stops_when_the_mean_of_the_last_evaluations_reaches_the_target(tmp_path):
+    target = 0.3  # each evaluation's 16 games give a coarse, swinging win rate: the window matters
+    run = train(tiny_cfg(tmp_path, steps=32 * 8 * 60, eval_every=32 * 8 * 2, target_win_rate=target,
+                         target_window=3))
+    rates = [r["win_rate"] for r in run.history]
+    means = [sum(rates[i - 2:i + 1]) / 3 for i in range(2, len(rates))]
+    assert run.summary["reached_target"] and len(rates) >= 3
+    assert means[-1] >= target and all(m < target for m in means[:-1])  # stopped at the first window there
+    assert any(r >= target for r in rates[:-1])  # where a window of 1 would have stopped earlier
+
+
 def test_entropy_bonus_anneals_to_its_final_value_over_the_budget(tmp_path):
     # six iterations, an evaluation after every second: each row carries the bonus of its last iteration,
     # whose budget fraction is (iteration - 1) / 6
@@ -159,7 +170,7 @@ def test_actor_row_probes_keep_the_rows_they_name(tmp_path):
     ("envs", 0, "--envs must be >= 1"), ("sharing", "all", "--sharing must be one of"),
     ("target_win_rate", 1.5, "--target-win-rate"), ("resume", "newest", "--resume must be"),
     ("name", "../x", "--name"), ("device", "tpu", "--device"), ("ent_coef_final", -0.1, "--ent-coef-final"),
-    ("actor_rows", "half", "actor_rows must be one of"),
+    ("actor_rows", "half", "actor_rows must be one of"), ("target_window", 0, "--target-window must be >= 1"),
 ])
 def test_bad_config_names_the_flag(tmp_path, field, value, message):
     with pytest.raises(TrainError, match=message):

@@ -57,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="budget in environment steps")
     p.add_argument("--minutes", type=float, help="budget in wall-clock minutes (10 when no budget is given)")
     p.add_argument("--target-win-rate", type=float, help="stop when a greedy evaluation reaches this win rate")
+    p.add_argument("--target-window", type=int, default=d.target_window, metavar="K",
+                   help="stop when the mean of the last K evaluations reaches --target-win-rate (1: the first "
+                        "evaluation that does; more guards against a lucky checkpoint)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed (network init, evaluation games)")
     p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
@@ -129,8 +132,8 @@ def train_config_from_args(args) -> "TrainConfig":
         scenario_files=tuple(args.scenario_file), sharing=args.sharing, critic=args.critic or TrainConfig.critic,
         hidden=args.hidden, agent_id=args.agent_id,
         unit_type=args.unit_type, recurrent=args.recurrent, envs=args.envs, rollout=args.rollout, steps=args.steps,
-        minutes=args.minutes, target_win_rate=args.target_win_rate, seed=args.seed, device=args.device,
-        threads=args.threads, lr=args.lr, anneal_lr=not args.no_anneal_lr, gamma=args.gamma,
+        minutes=args.minutes, target_win_rate=args.target_win_rate, target_window=args.target_window, seed=args.seed,
+        device=args.device, threads=args.threads, lr=args.lr, anneal_lr=not args.no_anneal_lr, gamma=args.gamma,
         gae_lambda=args.gae_lambda, epochs=args.epochs, minibatches=args.minibatches, clip_coef=args.clip_coef,
         ent_coef=TrainConfig.ent_coef if args.ent_coef is None else args.ent_coef,
         ent_coef_final=TrainConfig.ent_coef_final if args.ent_coef_final is None else args.ent_coef_final,
@@ -145,7 +148,8 @@ def offline_config_from_args(args) -> "OfflineConfig":
 
     online_only = [flag for flag, given in (
         ("--critic central", args.critic == "central"), ("--recurrent", args.recurrent), ("--steps", args.steps),
-        ("--minutes", args.minutes), ("--target-win-rate", args.target_win_rate), ("--eval-every", args.eval_every),
+        ("--minutes", args.minutes), ("--target-win-rate", args.target_win_rate),
+        ("--target-window", args.target_window != 1), ("--eval-every", args.eval_every),
         ("--metrics-port", args.metrics_port), ("--ent-coef-final", args.ent_coef_final is not None)) if given]
     if online_only:
         raise TrainError(f"--from-shards learns from logged single unit-steps with a local critic and no "

@@ -78,7 +78,11 @@ class TrainConfig:
     minutes: float | None = None
     """Budget in wall-clock minutes (default 10 when neither budget is given)."""
     target_win_rate: float | None = None
-    """Stop as soon as a greedy evaluation reaches this win rate."""
+    """Stop as soon as a greedy evaluation reaches this win rate (see target_window)."""
+    target_window: int = 1
+    """Stop when the mean of the last this-many evaluations reaches target_win_rate. 1: the first evaluation
+    that does; more asks the policy to stay there (a greedy policy can swing by tens of points between
+    neighbouring checkpoints, so one evaluation above the target can be luck)."""
     seed: int = 0
     """Seed of the network init and of the evaluation games; training games use other seeds per rank."""
     device: str = "cpu"
@@ -151,6 +155,7 @@ class TrainConfig:
             (self.minutes is None or self.minutes > 0, f"--minutes must be > 0, got {self.minutes}"),
             (self.target_win_rate is None or 0 < self.target_win_rate <= 1,
              f"--target-win-rate must lie in (0, 1], got {self.target_win_rate}"),
+            (self.target_window >= 1, f"--target-window must be >= 1, got {self.target_window}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (0 <= self.gamma <= 1, f"--gamma must lie in [0, 1], got {self.gamma}"),
             (0 <= self.gae_lambda <= 1, f"--gae-lambda must lie in [0, 1], got {self.gae_lambda}"),
@@ -573,7 +578,6 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
             ev = evaluate(policy, sc, cfg.eval_episodes, cfg.seed, device=dev)
             last_eval, last_eval_step, last_eval_time = ev["win_rate"], global_step, time.perf_counter()
             best_win = ev["win_rate"] if best_win is None else max(best_win, ev["win_rate"])
-            reached = cfg.target_win_rate is not None and ev["win_rate"] >= cfg.target_win_rate
             version = repo.save(cfg.name, policy, scenario=sc, step=global_step, eval_win_rate=ev["win_rate"],
                                 extra={"eval_episodes": cfg.eval_episodes, "eval_seed": cfg.seed,
                                        "eval_mean_return": ev["mean_return"], "samples": samples,
@@ -586,6 +590,9 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
                    "agent_steps_per_s": round(agent_steps_per_s, 1), "version": version}
             history.append(row)
             _write_csv(csv_path, history)
+            window = history[-cfg.target_window:]
+            reached = (cfg.target_win_rate is not None and len(window) == cfg.target_window
+                       and sum(r["win_rate"] for r in window) / len(window) >= cfg.target_win_rate)
             ep_wins, ep_returns, ep_count = 0.0, 0.0, 0
             if metrics is not None:
                 metrics.update_eval(win_rate=ev["win_rate"], mean_return=ev["mean_return"], version=version)
