@@ -44,7 +44,7 @@ def main() -> None:
                           target_win_rate=args.target, seed=args.seed, **overrides)
         run = train(cfg)
         s, hist = run.summary, run.history
-        hit = next((r for r in hist if args.target is not None and r["win_rate"] >= args.target), None)
+        hit = hist[-1] if s["reached_target"] else None  # the evaluation the run stopped at (see target_window)
         final = evaluate(run.policy, sc, args.games, args.seed + 7)
         base = {b: evaluate(None, sc, args.games, args.seed + 7, baseline=b)["win_rate"] for b in BASELINES}
         best_b = max(base, key=base.get)

@@ -62,9 +62,9 @@ class TrainConfig:
     """Width of every hidden layer."""
     agent_id: bool = True
     """Append the unit slot's one-hot to the actor's (and a local critic's) input. On by default: one shared
-    network can then give slots different roles, and it learns faster (3m: 95% in 2.7 min, where without it
-    the policy plateaus at 90-93%; 8m and 2s3z in half the time). It needs the annealed entropy bonus below:
-    with a constant 0.05, 5m_vs_6m stalls near 40% (bench/RESULTS.md)."""
+    network can then give slots different roles, and it learns faster (with a constant bonus 0.05: 3m 95% in
+    2.7 min, where without it the policy plateaus at 90-93%; 8m and 2s3z in half the time). It needs the
+    annealed entropy bonus below: with a constant 0.05, 5m_vs_6m stalls near 40% (bench/RESULTS.md)."""
     unit_type: bool = False
     """Append the unit type's one-hot to the actor's input."""
     recurrent: bool = False
@@ -113,8 +113,8 @@ class TrainConfig:
     ent_coef_final: float | None = 0.02
     """The entropy bonus at the end of the budget, reached linearly like the learning rate's anneal, so the
     greedy policy sharpens as training ends. None keeps ent_coef constant. 0.1 -> 0.02 is the one setting
-    measured to work on every scenario of bench/RESULTS.md (a constant 0.05 was faster on 3m-3s5z but
-    stalled 5m_vs_6m)."""
+    measured to train every scenario of bench/RESULTS.md without a stall (a constant 0.05 was faster on
+    3m-3s5z and MMM2 but stalled 5m_vs_6m)."""
     vf_coef: float = 0.5
     """Value loss weight."""
     max_grad_norm: float = 10.0
