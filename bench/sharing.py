@@ -36,7 +36,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench._overrides import parse_overrides  # noqa: E402
-from trainer.ppo import TrainConfig, train  # noqa: E402
+from trainer.ppo import TrainConfig, target_held, train  # noqa: E402
 
 MODES = ("shared", "per-type", "independent")
 
@@ -45,10 +45,13 @@ def first_hit(history: list[dict], target: float, window: int = 1) -> dict | Non
     """The first evaluation at which the mean win rate of the last `window` evaluations (this one included)
     reaches the target. window=1: the first evaluation above it; a wider window asks the policy to stay there,
     which a lucky evaluation of a policy that swings between checkpoints does not."""
-    for i in range(window - 1, len(history)):
-        if statistics.fmean(r["win_rate"] for r in history[i - window + 1:i + 1]) >= target:
-            return history[i]
-    return None
+    return next((history[i] for i in range(len(history)) if target_held(history[:i + 1], target, window)), None)
+
+
+def mode_fields(mode: str) -> dict:
+    """"shared" -> sharing mode shared; "shared:one-unit" -> the same, its actor trained on those rows."""
+    sharing, _, rows = mode.partition(":")
+    return {"sharing": sharing, "actor_rows": rows or "all"}
 
 
 def run_one(cfg: TrainConfig) -> dict:
@@ -111,9 +114,9 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     keys = [(sc, mode, seed) for sc in scenarios for seed in seeds for mode in modes]
     configs = {(sc, mode, seed): TrainConfig(
-        models=models, name=f"{sc}-{mode.replace(':', '-')}-{seed}", scenario=sc, sharing=mode.partition(":")[0],
-        **({"actor_rows": mode.partition(":")[2]} if ":" in mode else {}), steps=args.steps,
-        eval_every=args.eval_every, eval_episodes=args.eval_episodes, seed=seed, progress=False, **overrides)
+        models=models, name=f"{sc}-{mode.replace(':', '-')}-{seed}", scenario=sc, **mode_fields(mode),
+        steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes, seed=seed, progress=False,
+        **overrides)
         for sc, mode, seed in keys}
     print(f"{len(keys)} runs, {args.jobs} at a time; models and CSV logs under {models}", flush=True)
 

@@ -200,6 +200,13 @@ def select_actor_rows(alive: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"unknown actor_rows {how!r}")
 
 
+def target_held(history: list[dict], target: float | None, window: int) -> bool:
+    """Whether the mean win rate of the last `window` evaluations of `history` reaches `target` (False while
+    there are fewer evaluations than that, or without a target): the stopping rule of --target-window."""
+    last = history[-window:]
+    return target is not None and len(last) == window and sum(r["win_rate"] for r in last) / window >= target
+
+
 # --- the loss -------------------------------------------------------------------------------------------------
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -590,9 +597,7 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
                    "agent_steps_per_s": round(agent_steps_per_s, 1), "version": version}
             history.append(row)
             _write_csv(csv_path, history)
-            window = history[-cfg.target_window:]
-            reached = (cfg.target_win_rate is not None and len(window) == cfg.target_window
-                       and sum(r["win_rate"] for r in window) / len(window) >= cfg.target_win_rate)
+            reached = target_held(history, cfg.target_win_rate, cfg.target_window)
             ep_wins, ep_returns, ep_count = 0.0, 0.0, 0
             if metrics is not None:
                 metrics.update_eval(win_rate=ev["win_rate"], mean_return=ev["mean_return"], version=version)
