@@ -199,15 +199,11 @@ def cmd_train_offline(args) -> int:
 
 
 def cmd_train(args) -> int:
-    import torch.distributed as dist
-
     if args.from_shards:
         return cmd_train_offline(args)
 
-    from trainer.ppo import TrainError, setup_distributed, train
-    from trainer.repository import ModelLoadError
+    from trainer.ppo import TrainError, leave_process_group, setup_distributed
     from trainer.sim import load_scenario
-    from trainer.train_metrics import TrainMetrics
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -216,6 +212,20 @@ def cmd_train(args) -> int:
     except (TrainError, ScenarioError) as e:
         return _fail("train", str(e))
     rank, world, cfg.device = setup_distributed(cfg.device)
+    # An exception propagates without waiting for the other ranks: they fail on their next collective.
+    code = _train_rank(cfg, rank)
+    if world > 1:
+        leave_process_group(code)  # rank 0 may still be plotting: leave together; does not return
+    return code
+
+
+def _train_rank(cfg, rank: int) -> int:
+    """This process's share of `phalanx train` (all of it without torchrun); rank 0 alone serves metrics and
+    prints the summary."""
+    from trainer.ppo import TrainError, train
+    from trainer.repository import ModelLoadError
+    from trainer.train_metrics import TrainMetrics
+
     metrics = None
     try:
         if rank == 0 and (cfg.metrics_port is not None or cfg.pushgateway):
@@ -239,9 +249,6 @@ def cmd_train(args) -> int:
     finally:
         if metrics is not None:
             metrics.close()
-        if world > 1 and dist.is_initialized():
-            dist.barrier()  # rank 0 may still be plotting: leave together, or gloo aborts the slower rank
-            dist.destroy_process_group()
 
 
 # --- eval -----------------------------------------------------------------------------------------------------
