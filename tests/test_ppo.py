@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trainer.policy import Policy
-from trainer.ppo import TrainConfig, TrainError, evaluate, gae, ppo_loss, select_actor_rows, train
+from trainer.ppo import TrainConfig, TrainError, evaluate, gae, ppo_loss, select_actor_rows, team_gae, train
 from trainer.repository import ModelRepository
 from trainer.sim import load_scenario
 
@@ -175,3 +175,16 @@ def test_actor_row_probes_keep_the_rows_they_name(tmp_path):
 def test_bad_config_names_the_flag(tmp_path, field, value, message):
     with pytest.raises(TrainError, match=message):
         tiny_cfg(tmp_path, **{field: value})
+
+
+def test_local_critic_returns_run_through_a_units_death():
+    """Unit 0 dies at step 1; the team wins at step 3. With a local critic unit 0's early actions still earn
+    the win (the same advantage as its surviving mate), as they do under the central critic."""
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[0.0], [0.0], [0.0], [1.0]])  # (T=4, E=1)
+    dones = torch.tensor([[False], [False], [False], [True]])
+    local = team_gae(rewards, torch.zeros(4, 1, 2), torch.zeros(1, 2), dones, gamma, lam)
+    central = team_gae(rewards, torch.zeros(4, 1), torch.zeros(1), dones, gamma, lam)
+    assert local.shape == (4, 1, 2)
+    assert torch.allclose(local[:, :, 0], central) and torch.allclose(local[:, :, 1], central)
+    assert local[0, 0, 0].item() == pytest.approx((gamma * lam) ** 3)
