@@ -154,3 +154,22 @@ def test_a_dead_pushgateway_never_stops_training(tmp_path):
                       steps=256, eval_every=128, eval_episodes=4, progress=False)
     summary = train(cfg, metrics=metrics).summary
     assert summary["version"] == 2 and metrics.push_failures == 2
+
+
+def test_local_critic_defaults_to_whole_game_rollouts():
+    """`--critic local` plays fewer games for whole-game rollouts with lambda 1.0 (its bootstrapped values
+    mislead); anything given explicitly wins, and the central critic keeps its own defaults."""
+    from service.cli import build_parser
+    from trainer.commands import train_config_from_args
+    from trainer.ppo import LOCAL_CRITIC_DEFAULTS
+
+    def cfg(*extra):
+        return train_config_from_args(build_parser().parse_args(["train", "--models", "m", "--name", "x", *extra]))
+
+    local = cfg("--critic", "local")
+    assert (local.envs, local.rollout, local.gae_lambda) == (64, 128, 1.0) == tuple(LOCAL_CRITIC_DEFAULTS.values())
+    mixed = cfg("--critic", "local", "--rollout", "16", "--gae-lambda", "0.9")
+    assert (mixed.envs, mixed.rollout, mixed.gae_lambda) == (64, 16, 0.9)
+    central = cfg()
+    assert (central.envs, central.rollout, central.gae_lambda) == (TrainConfig.envs, TrainConfig.rollout,
+                                                                   TrainConfig.gae_lambda) == (512, 8, 0.95)

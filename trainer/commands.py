@@ -26,7 +26,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def register(sub: argparse._SubParsersAction) -> None:
     from trainer.offline import OfflineConfig
-    from trainer.ppo import TrainConfig
+    from trainer.ppo import LOCAL_CRITIC_DEFAULTS, TrainConfig
 
     d = TrainConfig(models=".", name="x")  # the defaults, shown in --help
     p = sub.add_parser("train", help="learn the shared unit policy with PPO and publish versions to a model repository",
@@ -52,8 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "stalled 5m_vs_6m near 40%%; the default entropy anneal does not: bench/RESULTS.md)")
     p.add_argument("--unit-type", action="store_true", help="append the unit type's one-hot to the input")
     p.add_argument("--recurrent", action="store_true", help="GRU core in the actor (cannot be served)")
-    p.add_argument("--envs", type=int, default=d.envs, help="games played at once (per rank)")
-    p.add_argument("--rollout", type=int, default=d.rollout, help="steps per game per iteration")
+    p.add_argument("--envs", type=int, help=f"games played at once (per rank); default {d.envs}, "
+                                            f"{LOCAL_CRITIC_DEFAULTS['envs']} with --critic local")
+    p.add_argument("--rollout", type=int, help=f"steps per game per iteration; default {d.rollout}, "
+                                               f"{LOCAL_CRITIC_DEFAULTS['rollout']} with --critic local")
     p.add_argument("--steps", type=int, help="budget in environment steps")
     p.add_argument("--minutes", type=float, help="budget in wall-clock minutes (10 when no budget is given)")
     p.add_argument("--target-win-rate", type=float, help="stop when a greedy evaluation reaches this win rate")
@@ -66,7 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
     p.add_argument("--no-anneal-lr", action="store_true", help="keep the learning rate constant")
     p.add_argument("--gamma", type=float, default=d.gamma, help="discount")
-    p.add_argument("--gae-lambda", type=float, default=d.gae_lambda, help="GAE lambda")
+    p.add_argument("--gae-lambda", type=float, help=f"GAE lambda; default {d.gae_lambda}, "
+                                                    f"{LOCAL_CRITIC_DEFAULTS['gae_lambda']} with --critic local")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per rollout")
     p.add_argument("--minibatches", type=int, default=d.minibatches, help="minibatches per epoch")
     p.add_argument("--clip-coef", type=float, default=d.clip_coef, help="PPO clip")
@@ -125,16 +128,20 @@ def _fail(command: str, message: str) -> int:
 # --- train ----------------------------------------------------------------------------------------------------
 
 def train_config_from_args(args) -> "TrainConfig":
-    from trainer.ppo import TrainConfig
+    from trainer.ppo import LOCAL_CRITIC_DEFAULTS, TrainConfig
 
+    critic = args.critic or TrainConfig.critic
+    unset = {"envs": args.envs, "rollout": args.rollout, "gae_lambda": args.gae_lambda}
+    fallback = LOCAL_CRITIC_DEFAULTS if critic == "local" else {k: getattr(TrainConfig, k) for k in unset}
+    rollout_shape = {k: fallback[k] if v is None else v for k, v in unset.items()}
     return TrainConfig(
         models=args.models, name=args.name, scenario=args.scenario or TrainConfig.scenario,
-        scenario_files=tuple(args.scenario_file), sharing=args.sharing, critic=args.critic or TrainConfig.critic,
-        hidden=args.hidden, agent_id=args.agent_id,
-        unit_type=args.unit_type, recurrent=args.recurrent, envs=args.envs, rollout=args.rollout, steps=args.steps,
+        scenario_files=tuple(args.scenario_file), sharing=args.sharing, critic=critic,
+        hidden=args.hidden, agent_id=args.agent_id, unit_type=args.unit_type, recurrent=args.recurrent,
+        envs=rollout_shape["envs"], rollout=rollout_shape["rollout"], steps=args.steps,
         minutes=args.minutes, target_win_rate=args.target_win_rate, target_window=args.target_window, seed=args.seed,
         device=args.device, threads=args.threads, lr=args.lr, anneal_lr=not args.no_anneal_lr, gamma=args.gamma,
-        gae_lambda=args.gae_lambda, epochs=args.epochs, minibatches=args.minibatches, clip_coef=args.clip_coef,
+        gae_lambda=rollout_shape["gae_lambda"], epochs=args.epochs, minibatches=args.minibatches, clip_coef=args.clip_coef,
         ent_coef=TrainConfig.ent_coef if args.ent_coef is None else args.ent_coef,
         ent_coef_final=TrainConfig.ent_coef_final if args.ent_coef_final is None else args.ent_coef_final,
         vf_coef=args.vf_coef, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
@@ -159,7 +166,8 @@ def offline_config_from_args(args) -> "OfflineConfig":
         scenario_files=tuple(args.scenario_file), sharing=args.sharing, hidden=args.hidden, agent_id=args.agent_id,
         unit_type=args.unit_type, resume=args.resume, iterations=args.iterations, epochs=args.epochs,
         minibatches=args.minibatches, lr=args.lr, anneal_lr=not args.no_anneal_lr, gamma=args.gamma,
-        lam=args.gae_lambda, rho_bar=args.rho_bar, c_bar=args.c_bar, clip_coef=args.clip_coef,
+        lam=OfflineConfig.lam if args.gae_lambda is None else args.gae_lambda, rho_bar=args.rho_bar,
+        c_bar=args.c_bar, clip_coef=args.clip_coef,
         ent_coef=OfflineConfig.ent_coef if args.ent_coef is None else args.ent_coef, vf_coef=args.vf_coef,
         max_grad_norm=args.max_grad_norm, eval_episodes=args.eval_episodes, seed=args.seed, device=args.device,
         threads=args.threads, log_dir=args.log_dir, progress=not args.no_progress)

@@ -188,6 +188,13 @@ class TrainConfig:
             raise TrainError(f"--name: {e}") from None
 
 
+# What `phalanx train --critic local` uses unless told otherwise. A local critic sees one unit's view, so values
+# bootstrapped from it mislead: with 8-step rollouts and lambda 0.95 it never won an 8m game in 2M steps. Whole
+# games per rollout (8m's limit is 120 steps) with lambda 1.0 leave it only as the baseline of the real returns:
+# 8m 82.8% after 5 minutes (bench/RESULTS.md).
+LOCAL_CRITIC_DEFAULTS = {"envs": 64, "rollout": 128, "gae_lambda": 1.0}
+
+
 def select_actor_rows(alive: torch.Tensor, how: str) -> torch.Tensor:
     """(T, E, A) live-unit mask -> the rows that train the actor (see TrainConfig.actor_rows)."""
     if how == "all":
