@@ -122,6 +122,8 @@ def test_offline_command_refuses_what_does_not_apply(tmp_path, capsys):
     assert "--ent-coef-final applies to simulation training only" in capsys.readouterr().err
     assert main(base + ["--target-window", "3"]) == 2
     assert "--target-window applies to simulation training only" in capsys.readouterr().err
+    assert main(base + ["--rollout", "64"]) == 2
+    assert "--rollout applies to simulation training only" in capsys.readouterr().err
     # the entropy flags' defaults differ by mode: online anneals 0.1 -> 0.02, offline keeps a constant 0.05
     assert offline_config_from_args(build_parser().parse_args(base)).ent_coef == 0.05
     online = train_config_from_args(build_parser().parse_args(["train", "--models", "m", "--name", "x"]))

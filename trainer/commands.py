@@ -155,6 +155,7 @@ def offline_config_from_args(args) -> "OfflineConfig":
 
     online_only = [flag for flag, given in (
         ("--critic central", args.critic == "central"), ("--recurrent", args.recurrent), ("--steps", args.steps),
+        ("--envs", args.envs is not None), ("--rollout", args.rollout is not None),
         ("--minutes", args.minutes), ("--target-win-rate", args.target_win_rate),
         ("--target-window", args.target_window != 1), ("--eval-every", args.eval_every),
         ("--metrics-port", args.metrics_port), ("--ent-coef-final", args.ent_coef_final is not None)) if given]
