@@ -131,22 +131,22 @@ def train_config_from_args(args) -> "TrainConfig":
     from trainer.ppo import LOCAL_CRITIC_DEFAULTS, TrainConfig
 
     critic = args.critic or TrainConfig.critic
-    unset = {"envs": args.envs, "rollout": args.rollout, "gae_lambda": args.gae_lambda}
-    fallback = LOCAL_CRITIC_DEFAULTS if critic == "local" else {k: getattr(TrainConfig, k) for k in unset}
-    rollout_shape = {k: fallback[k] if v is None else v for k, v in unset.items()}
+    # flags parsed as None when not given, so that their default can depend on the critic
+    defaults = {k: getattr(TrainConfig, k) for k in ("envs", "rollout", "gae_lambda", "ent_coef", "ent_coef_final")}
+    if critic == "local":
+        defaults.update(LOCAL_CRITIC_DEFAULTS)
+    chosen = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in defaults.items()}
     return TrainConfig(
         models=args.models, name=args.name, scenario=args.scenario or TrainConfig.scenario,
         scenario_files=tuple(args.scenario_file), sharing=args.sharing, critic=critic,
         hidden=args.hidden, agent_id=args.agent_id, unit_type=args.unit_type, recurrent=args.recurrent,
-        envs=rollout_shape["envs"], rollout=rollout_shape["rollout"], steps=args.steps,
+        steps=args.steps,
         minutes=args.minutes, target_win_rate=args.target_win_rate, target_window=args.target_window, seed=args.seed,
         device=args.device, threads=args.threads, lr=args.lr, anneal_lr=not args.no_anneal_lr, gamma=args.gamma,
-        gae_lambda=rollout_shape["gae_lambda"], epochs=args.epochs, minibatches=args.minibatches, clip_coef=args.clip_coef,
-        ent_coef=TrainConfig.ent_coef if args.ent_coef is None else args.ent_coef,
-        ent_coef_final=TrainConfig.ent_coef_final if args.ent_coef_final is None else args.ent_coef_final,
+        epochs=args.epochs, minibatches=args.minibatches, clip_coef=args.clip_coef,
         vf_coef=args.vf_coef, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
         eval_episodes=args.eval_episodes, resume=args.resume, log_dir=args.log_dir, metrics_port=args.metrics_port,
-        metrics_addr=args.metrics_addr, pushgateway=args.pushgateway, progress=not args.no_progress)
+        metrics_addr=args.metrics_addr, pushgateway=args.pushgateway, progress=not args.no_progress, **chosen)
 
 
 def offline_config_from_args(args) -> "OfflineConfig":

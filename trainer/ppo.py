@@ -577,10 +577,7 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
                     mb["unit"], mb["h0"] = unit_flat[a_idx], h0[a_idx]
                 else:
                     mb = {k: v[a_idx] for k, v in rows.items()}
-                if central or not policy.recurrent:
-                    c_idx = critic_perm[m * n_critic // M:(m + 1) * n_critic // M]
-                else:  # a recurrent local critic's rows: the units of the actor's minibatch, every step
-                    c_idx = (torch.arange(T, device=dev)[:, None] * (E * A) + a_idx[None, :]).reshape(-1)
+                c_idx = critic_perm[m * n_critic // M:(m + 1) * n_critic // M]
                 mb.update({k: v[c_idx] for k, v in crit.items()})
                 loss, stats = ppo_loss(model, mb, clip_coef=cfg.clip_coef, vf_coef=cfg.vf_coef,
                                        ent_coef=ent_coef, clip_vloss=cfg.clip_vloss)
