@@ -43,7 +43,7 @@ from service.validation import RequestError
 
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct("<4sIIQ")
+HEADER = struct.Struct("<4sQQQ")  # kind, two numbers (rows, version: unbounded integers), payload length
 KEEP_VERSIONS = 2  # the one serving and the one about to replace it
 
 

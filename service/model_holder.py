@@ -90,6 +90,7 @@ class ModelHolder:
         self.min_eval_win_rate = min_eval_win_rate
         self._generator = torch.Generator().manual_seed(seed)  # sampling in `forward` (the in-process worker)
         self._lock = threading.Lock()  # one load at a time
+        self._removed_warned: int | None = None  # the removed version already logged (polls repeat)
 
     # --- the request path -------------------------------------------------------------------------------
     def require(self) -> ServedModel:
@@ -131,15 +132,29 @@ class ModelHolder:
             return False
 
     def check_for_update(self) -> bool:
-        """Swap in a newer version if there is one and it passes validation. Blocking; True if swapped."""
+        """Swap in a newer version if there is one and it passes validation; roll back to the newest remaining
+        one if the served version was taken out of the repository. Blocking; True if swapped."""
         if self.current is None:
             return self.load_initial()
         if self.pinned is not None:
             return False
         with self._lock:
-            newer = [v for v in self.repository.versions(self.name) if v > self.current.version]
+            served = self.current.version
+            versions = self.repository.versions(self.name)
+            newer = [v for v in versions if v > served]
             # newest first; an older one still gets its turn when the newest is refused (say, below the bar)
-            return any(self._try(v) for v in sorted(newer, reverse=True) if v not in self.refused)
+            if any(self._try(v) for v in sorted(newer, reverse=True) if v not in self.refused):
+                return True
+            if served in versions:
+                return False
+            # The operator removed the served version (how a bad one is rolled back): serve the newest that is
+            # left. If none passes, the removed one keeps serving from memory rather than nothing at all.
+            older = [v for v in versions if v < served and v not in self.refused]
+            if self._removed_warned != served:
+                self._removed_warned = served
+                log.warning("model %s: version %d was removed from the repository; rolling back to the newest "
+                            "remaining version that passes (%s)", self.name, served, sorted(older) or "none left")
+            return any(self._try(v) for v in sorted(older, reverse=True))
 
     def _try(self, version: int) -> bool:
         try:

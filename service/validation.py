@@ -9,6 +9,7 @@ Rows are numpy arrays, k rows per request (k = 1 for Act/ActStream, the frame's 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Protocol
 
 import grpc
@@ -101,7 +102,7 @@ def tensor_array(t: pb.Tensor, field: str, dtypes: tuple[int, ...], shape: tuple
         want = "(" + ", ".join("n" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
         raise RequestError(INVALID, f"{field}.shape: expected {want}, got {list(got)}")
     dtype = NUMPY_DTYPES[t.dtype]
-    expected = int(np.prod(got, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(got) * dtype.itemsize  # Python ints: a crafted shape cannot wrap around
     if len(t.data) != expected:
         raise RequestError(INVALID, f"{field}.data: shape {list(got)} of {pb.DataType.Name(t.dtype)} needs "
                                     f"{expected} bytes, got {len(t.data)}")
@@ -131,6 +132,13 @@ def frame_rows(req: pb.ActBatchRequest, spec: Spec) -> Rows:
         r = int(np.flatnonzero((units < 0) | (units >= spec.n_agents))[0])
         raise RequestError(INVALID, f"unit_ids: expected 0..{spec.n_agents - 1} (agent slots of "
                                     f"{_spec_text(spec)}), got {int(units[r])} at row {r}")
+    if req.game_id:  # its rows are logged as these units' steps of that game: one step per unit
+        counts = np.bincount(units, minlength=spec.n_agents)
+        if (counts > 1).any():
+            u = int(np.flatnonzero(counts > 1)[0])
+            r0, r1 = (int(r) for r in np.flatnonzero(units == u)[:2])
+            raise RequestError(INVALID, f"unit_ids: a frame of a game (game_id set) lists each unit once, got unit "
+                                        f"{u} at rows {r0} and {r1}")
     if req.HasField("prev_rewards"):
         rewards = tensor_array(req.prev_rewards, "prev_rewards", (pb.DATA_TYPE_FLOAT32,), (n,))
         if not np.isfinite(rewards).all():

@@ -42,7 +42,8 @@ def _local(model, obs, mask, unit):
 
 
 def test_the_worker_answers_like_the_policy_follows_versions_and_replaces_itself_when_it_dies(sc):
-    v1, v2 = _model(sc, 1, seed=1), _model(sc, 2, seed=2)
+    # version numbers are unbounded integers (say a timestamp-named directory), not 32-bit
+    v1, v2 = _model(sc, 1, seed=1), _model(sc, 20250101120000, seed=2)
     obs, mask, unit = _rows(sc, 40)
     greedy = np.ones(40, dtype=bool)
 

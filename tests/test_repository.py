@@ -2,13 +2,17 @@
 
 import json
 import os
+import shutil
+import stat
 
+import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from trainer.policy import Policy
 from trainer.repository import ModelLoadError, ModelRepository
+from trainer.shards import write_shard
 from trainer.sim import load_scenario
 
 
@@ -65,6 +69,33 @@ def test_versions_ignore_temp_dirs_and_junk(repo, sc):
     assert repo.versions("m") == [1]
     assert repo.save("m", make(sc), scenario=sc, step=2, eval_win_rate=None) == 8  # never reuses a taken number
     assert not any(p.name.startswith(".tmp-") and p.name != ".tmp-abc" for p in base.iterdir())
+
+
+def test_published_versions_and_shards_are_readable_by_other_users(repo, sc, tmp_path):
+    # The service (the Dockerfile's `phalanx` user) reads versions a trainer running as another user wrote,
+    # and an offline trainer reads the service's shards: both get the modes an ordinary mkdir/open would give.
+    old = os.umask(0o022)
+    try:
+        version = repo.save("m", make(sc), scenario=sc, step=1, eval_win_rate=None)
+        table = pa.table({"x": pa.array([1, 2], pa.int32())})
+        shard = write_shard(tmp_path / "exp", "chunk-0", table)
+    finally:
+        os.umask(old)
+    path = repo.root / "m" / str(version)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()} == {
+        "card.json": 0o644, "weights.safetensors": 0o644}
+    assert stat.S_IMODE(shard.stat().st_mode) == 0o644
+
+
+def test_a_removed_versions_number_is_not_issued_again(repo, sc):
+    for _ in range(3):
+        repo.save("m", make(sc), scenario=sc, step=1, eval_win_rate=None)
+    for v in (3, 2):  # an operator rolls back twice
+        shutil.rmtree(repo.root / "m" / str(v))
+    assert repo.versions("m") == [1]
+    assert repo.save("m", make(sc), scenario=sc, step=2, eval_win_rate=None) == 4
+    assert repo.versions("m") == [1, 4]
 
 
 def test_bad_names_and_versions(repo, sc):

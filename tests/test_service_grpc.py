@@ -385,6 +385,35 @@ def test_a_win_rate_bar_serves_only_versions_whose_evaluation_reached_it(service
         asyncio.run(start_server(ServeConfig(models=root, name="m", port=0, min_eval_win_rate=1.5), CollectorRegistry()))
 
 
+def test_removing_the_served_version_rolls_back_and_its_number_is_never_reused(service_repo):
+    root, scenario, _ = service_repo  # version 1
+    repo = ModelRepository(root)
+    obs, mask, _ = sim_inputs(scenario, games=1, steps=1)
+
+    def publish():
+        return repo.save("m", Policy.for_scenario(scenario, critic="local"), scenario=scenario, step=1,
+                         eval_win_rate=0.5)
+
+    async def main():
+        async with serving(root, poll_seconds=0) as running, AsyncClient(running.address) as client:
+            holder, served = running.holder, []
+            bad = publish()
+            assert await asyncio.to_thread(holder.check_for_update)
+            served.append((await client.act(obs[0], mask[0], 0)).model_version)
+            shutil.rmtree(Path(root) / "m" / str(bad))  # the operator takes the bad version out
+            assert await asyncio.to_thread(holder.check_for_update)
+            served.append((await client.act(obs[0], mask[0], 0)).model_version)
+            assert not await asyncio.to_thread(holder.check_for_update)  # settled: nothing more to do
+            fixed = publish()
+            assert await asyncio.to_thread(holder.check_for_update)
+            served.append((await client.act(obs[0], mask[0], 0)).model_version)
+            return bad, fixed, served, running.metrics.reloads._value.get()
+
+    bad, fixed, served, reloads = asyncio.run(main())
+    assert (bad, fixed) == (2, 3)  # 2 was issued once; the next model gets a new number
+    assert served == [2, 1, 3] and reloads == 3
+
+
 def test_pinned_version_is_served_even_when_newer_ones_exist(service_repo):
     root, scenario, _ = service_repo
     ModelRepository(root).save("m", Policy.for_scenario(scenario), scenario=scenario, step=1, eval_win_rate=None)

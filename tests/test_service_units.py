@@ -95,6 +95,11 @@ def _broken(mutate):
     (_frame(2, units=np.array([0, 3])), "INVALID_ARGUMENT", "unit_ids: expected 0..2 (agent slots of spec 3m (hash abc123)), got 3 at row 1"),
     (_frame(2, units=np.array([-1, 0])), "INVALID_ARGUMENT", "got -1 at row 0"),
     (_frame(2, spec_hash="nope"), "FAILED_PRECONDITION", "spec_hash"),
+    (_frame(3, units=np.array([1, 0, 1]), game_id="g"), "INVALID_ARGUMENT",
+     "unit_ids: a frame of a game (game_id set) lists each unit once, got unit 1 at rows 0 and 2"),
+    # a row count whose element count (rows x 5) wraps around to 3 in 64-bit arithmetic, with 3 floats of data
+    (_broken(lambda r: (r.observations.shape.__setitem__(0, 3 * pow(5, -1, 2**64) % 2**64),
+                        setattr(r.observations, "data", bytes(12)))), "INVALID_ARGUMENT", "observations.data: shape"),
     (_frame(0, obs=np.zeros((0, 5), np.float32), mask=np.zeros((0, 4), bool), units=np.zeros(0)), "INVALID_ARGUMENT",
      "at least one unit"),
     (_frame(2, prev_rewards=np.array([0.0, np.inf])), "INVALID_ARGUMENT", "prev_rewards: every value must be finite"),

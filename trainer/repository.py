@@ -25,11 +25,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from trainer.atomic import fsync_dir, make_public, write_synced
 from trainer.policy import Policy
 
 CARD_FORMAT = 1
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "card.json"
+# The highest version number ever issued under a name, so that a number is never handed out twice: an operator
+# rolls back by removing a version directory, and the next save must not reuse its number for another model
+# (the service remembers refused numbers, and shards name the version that acted).
+LAST_ISSUED_FILE = ".last-version"
 TMP_PREFIX = ".tmp-"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _VERSION_RE = re.compile(r"^[1-9][0-9]*$")
@@ -105,10 +110,11 @@ class ModelRepository:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in policy.state_dict().items()}
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-", dir=base))
         try:
-            _write_synced(tmp / WEIGHTS_FILE, st_save(tensors))
+            make_public(tmp)
+            write_synced(tmp / WEIGHTS_FILE, st_save(tensors))
             for _attempt in range(1000):
                 taken = [int(e.name) for e in base.iterdir() if _VERSION_RE.match(e.name)]
-                version = max(taken, default=0) + 1
+                version = max(taken + [self._last_issued(base)], default=0) + 1
                 card = {
                     "format": CARD_FORMAT, "name": name, "version": version, "architecture": policy.config,
                     "spec": {"name": scenario.name, "hash": scenario.spec_hash, "obs_size": scenario.obs_size,
@@ -122,19 +128,38 @@ class ModelRepository:
                     if key in card:
                         raise ValueError(f"extra card key {key!r} would overwrite a standard card key")
                     card[key] = value
-                _write_synced(tmp / CARD_FILE, (json.dumps(card, indent=2, sort_keys=True) + "\n").encode())
+                write_synced(tmp / CARD_FILE, (json.dumps(card, indent=2, sort_keys=True) + "\n").encode())
                 try:
                     os.rename(tmp, base / str(version))
                 except OSError:
                     if (base / str(version)).exists():  # another writer took this number: try the next one
                         continue
                     raise
-                _fsync_dir(base)
+                self._record_issued(base, version)
+                fsync_dir(base)
                 return version
             raise RuntimeError(f"could not find a free version number under {base}")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    @staticmethod
+    def _last_issued(base: Path) -> int:
+        try:
+            return int((base / LAST_ISSUED_FILE).read_text().strip())
+        except (OSError, ValueError):  # absent (a repository from before the record) or unreadable
+            return 0
+
+    @staticmethod
+    def _record_issued(base: Path, version: int) -> None:
+        if version <= ModelRepository._last_issued(base):
+            return
+        tmp = base / f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}{LAST_ISSUED_FILE}"
+        try:
+            write_synced(tmp, f"{version}\n".encode())
+            os.replace(tmp, base / LAST_ISSUED_FILE)
+        except OSError:  # the version itself is published; only the guard against reuse is missing
+            tmp.unlink(missing_ok=True)
 
     # --- reading --------------------------------------------------------------------------------------
     def load(self, name: str, version: int | None = None, device: str | torch.device = "cpu") -> LoadedModel:
@@ -252,23 +277,3 @@ def load_weights(policy: Policy, path: Path) -> None:
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             raise ModelLoadError(f"{path}: tensor {key} contains NaN or infinite values")
     policy.load_state_dict(tensors, strict=True)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -42,6 +42,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from trainer.atomic import fsync_dir, make_public
+
 FORMAT_VERSION = 1
 METADATA_KEY = b"phalanx.experience"
 SUFFIX = ".parquet"
@@ -137,6 +139,7 @@ def write_shard(directory: str | os.PathLike, name: str, table: pa.Table) -> Pat
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{name}-", suffix=SUFFIX, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
+            make_public(tmp)
             pq.write_table(table, f, compression="zstd")
             f.flush()
             os.fsync(f.fileno())
@@ -147,14 +150,7 @@ def write_shard(directory: str | os.PathLike, name: str, table: pa.Table) -> Pat
         except FileNotFoundError:
             pass
         raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    fsync_dir(directory)
     return final
 
 
