@@ -85,7 +85,7 @@ class _Child:
         policy = Policy.from_config(json.loads(payload[4:4 + n]))
         policy.load_state_dict(st_load(payload[4 + n:]))
         policy.eval()
-        try:
+        try:  # made and checked here as in the holder (a graph does not cross the socket)
             graph = policy.serving_graph()
         except Exception:  # noqa: BLE001 - the eager graph gives the same answers, only slower
             graph = None

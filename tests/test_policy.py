@@ -175,6 +175,19 @@ def test_serving_graph_gives_acts_answers_for_any_batch(sc, sharing, critic):
         assert torch.allclose(eager.value, traced.value, atol=1e-4)
 
 
+def test_a_serving_graph_that_disagrees_with_the_policy_is_refused(sc, monkeypatch):
+    # what both the model holder and the forward worker process rely on before serving through a graph
+    import trainer.policy as policy_module
+
+    class Skewed(policy_module._ActGraph):
+        def forward(self, obs, mask, unit):
+            return tuple(t + 1 if t.is_floating_point() else t for t in self.policy.act_graph(obs, mask, unit))
+
+    monkeypatch.setattr(policy_module, "_ActGraph", Skewed)
+    with pytest.raises(RuntimeError, match="disagrees with the eager policy"):
+        tiny(sc).serving_graph()
+
+
 def test_greedy_may_be_one_bool_for_every_row(sc):
     policy = tiny(sc)
     obs = torch.randn(50, sc.obs_size)

@@ -311,7 +311,9 @@ class Policy(nn.Module):
 
     def serving_graph(self, example_rows: int = 8) -> torch.jit.ScriptModule:
         """`act_graph` recorded by `torch.jit.trace`: one call into C++ per batch instead of ~50 Python-level
-        ops, each of which would take and drop the GIL while the server's event loop competes for it."""
+        ops, each of which would take and drop the GIL while the server's event loop competes for it.
+        Checked against the eager policy on random rows (1 and 3 x agents) before it is returned; raises
+        RuntimeError if they disagree (callers then serve the eager policy)."""
         if self.recurrent:
             raise ValueError("a recurrent policy has no serving graph (act() needs no hidden state)")
         obs = torch.zeros(example_rows, self.obs_size)
@@ -321,7 +323,19 @@ class Policy(nn.Module):
             # torch 2.9+ marks torch.jit deprecated; it is still the lightest way to run a fixed graph with
             # one GIL release, and callers fall back to eager `act_graph` should a future torch drop it.
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace")
-            return torch.jit.trace(_ActGraph(self), (obs, mask, unit), check_trace=False)
+            graph = torch.jit.trace(_ActGraph(self), (obs, mask, unit), check_trace=False)
+        gen = torch.Generator().manual_seed(1)
+        for rows in (1, 3 * self.n_agents):
+            obs = torch.randn(rows, self.obs_size, generator=gen)
+            mask = torch.rand(rows, self.n_actions, generator=gen) < 0.5
+            mask[:, 1] = True
+            unit, greedy = torch.arange(rows) % self.n_agents, torch.ones(rows, dtype=torch.bool)
+            eager, traced = self.act(obs, mask, unit, greedy), self.act(obs, mask, unit, greedy, graph=graph)
+            if not (torch.equal(eager.action, traced.action)
+                    and torch.allclose(eager.log_prob, traced.log_prob, rtol=1e-4, atol=1e-5)
+                    and torch.allclose(eager.value, traced.value, rtol=1e-4, atol=1e-4)):
+                raise RuntimeError(f"the traced graph disagrees with the eager policy on {rows} test rows")
+        return graph
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, mask: torch.Tensor, unit: torch.Tensor, greedy: torch.Tensor | bool,
