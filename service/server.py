@@ -270,6 +270,11 @@ class RunningServer:
         self.config = config
         if config.forward_worker not in FORWARD_WORKERS:
             raise ValueError(f"forward_worker must be one of {', '.join(FORWARD_WORKERS)}, got {config.forward_worker!r}")
+        for flag, port in (("--port", config.port), ("--metrics-port", config.metrics_port)):
+            if port is not None and not 0 <= port <= 65535:  # grpc would quietly bind port % 65536
+                raise ValueError(f"{flag} must lie in 0..65535 (0: any free port), got {port}")
+        if config.version is not None and config.version < 1:
+            raise ValueError(f"--version must be a positive integer (versions count from 1), got {config.version}")
         self.metrics = ServiceMetrics(registry)
         self.process = (ProcessForward(threads=config.torch_threads, seed=config.seed)
                         if config.forward_worker == "process" else None)
@@ -326,11 +331,16 @@ class RunningServer:
             if c.tls_cert is None or c.tls_key is None:
                 raise ValueError("TLS needs both --tls-cert and --tls-key")
             creds = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if c.tls_cert is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, creds)
+        except RuntimeError:  # grpcio raises where older versions returned 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not listen on {address}")
+            raise OSError(f"could not listen on {address}: the port is in use, or the host is not an address of "
+                          "this machine")
         if c.metrics_port is not None:
             self._metrics_server = start_metrics_server(c.metrics_port, c.metrics_host, self.metrics.registry)
         if self.process is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import socket
 import subprocess
 import threading
 import urllib.request
@@ -412,6 +413,21 @@ def test_removing_the_served_version_rolls_back_and_its_number_is_never_reused(s
     bad, fixed, served, reloads = asyncio.run(main())
     assert (bad, fixed) == (2, 3)  # 2 was issued once; the next model gets a new number
     assert served == [2, 1, 3] and reloads == 3
+
+
+def test_serve_refuses_a_taken_port_and_impossible_numbers_with_clear_errors(service_repo):
+    root, _, _ = service_repo
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"could not listen on 127.0.0.1:{port}: the port is in use"):
+            asyncio.run(start_server(ServeConfig(models=root, name="m", port=port), CollectorRegistry()))
+    for fields, words in ((dict(port=99999), "--port must lie in 0..65535"),
+                          (dict(port=0, metrics_port=70000), "--metrics-port must lie in 0..65535"),
+                          (dict(port=0, version=0), "--version must be a positive integer")):
+        with pytest.raises(ValueError, match=words):
+            asyncio.run(start_server(ServeConfig(models=root, name="m", **fields), CollectorRegistry()))
 
 
 def test_pinned_version_is_served_even_when_newer_ones_exist(service_repo):

@@ -173,3 +173,39 @@ def test_local_critic_defaults_to_whole_game_rollouts():
     central = cfg()
     assert (central.envs, central.rollout, central.gae_lambda) == (TrainConfig.envs, TrainConfig.rollout,
                                                                    TrainConfig.gae_lambda) == (512, 8, 0.95)
+
+
+def test_resume_takes_the_stored_architecture_and_refuses_flags_that_contradict_it(tmp_path, capsys):
+    """A version trained with a local critic (say offline) resumes as one, with the local critic's rollout
+    defaults, not as the default central-critic network the flags would otherwise describe."""
+    from service.cli import build_parser
+    from trainer.commands import train_config_from_args
+    from trainer.policy import Policy
+    from trainer.ppo import TrainError
+    from trainer.sim import load_scenario
+
+    sc = load_scenario("3m")
+    policy = Policy.for_scenario(sc, sharing="independent", critic="local", hidden=16, agent_id=False)
+    ModelRepository(tmp_path).save("x", policy, scenario=sc, step=100, eval_win_rate=None)
+
+    def cfg(*extra):
+        argv = ["train", "--models", str(tmp_path), "--name", "x", "--scenario", "3m", *extra]
+        return train_config_from_args(build_parser().parse_args(argv))
+
+    resumed = cfg("--resume", "latest")
+    assert (resumed.sharing, resumed.critic, resumed.hidden, resumed.agent_id, resumed.unit_type,
+            resumed.recurrent) == ("independent", "local", 16, False, False, False)
+    assert (resumed.envs, resumed.rollout, resumed.gae_lambda) == (64, 128, 1.0)
+    assert cfg("--resume", "1", "--critic", "local", "--hidden", "16").hidden == 16  # repeating it is fine
+    fresh = cfg()
+    assert (fresh.sharing, fresh.critic, fresh.hidden, fresh.agent_id) == ("shared", "central", 64, True)
+
+    rc = main(["train", "--models", str(tmp_path), "--name", "x", "--scenario", "3m", "--resume", "latest",
+               "--sharing", "shared", "--hidden", "32", "--steps", "64", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "keeps its architecture" in err and "--sharing shared (stored: independent)" in err
+    assert "--hidden 32 (stored: 16)" in err and ModelRepository(tmp_path).versions("x") == [1]
+    assert main(["train", "--models", str(tmp_path), "--name", "x", "--resume", "7", "--steps", "64"]) == 2
+    assert "no version 7" in capsys.readouterr().err
+    with pytest.raises(TrainError, match="keeps its architecture"):  # the library checks too
+        train(TrainConfig(models=str(tmp_path), name="x", scenario="3m", resume="latest", steps=64, progress=False))

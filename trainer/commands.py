@@ -41,17 +41,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenario", help=f"scenario name (see `phalanx scenarios`); default {d.scenario}, with "
                                       "--from-shards the shards' spec")
     p.add_argument("--scenario-file", action="append", default=[], metavar="FILE", help="extra TOML scenario file")
-    p.add_argument("--sharing", default=d.sharing, choices=("shared", "per-type", "independent"),
-                   help="parameter sharing mode")
+    p.add_argument("--sharing", choices=("shared", "per-type", "independent"),
+                   help=f"parameter sharing mode (default {d.sharing}; with --resume the stored version's)")
     p.add_argument("--critic", choices=("central", "local"),
                    help=f"central: MAPPO critic on the global state; local: IPPO critic on each unit's observation "
-                        f"(default {d.critic}; --from-shards: always local)")
-    p.add_argument("--hidden", type=int, default=d.hidden, help="hidden layer width")
-    p.add_argument("--agent-id", action=argparse.BooleanOptionalAction, default=d.agent_id,
-                   help="append the unit slot's one-hot to the input (with a constant --ent-coef 0.05 it "
-                        "stalled 5m_vs_6m near 40%%; the default entropy anneal does not: bench/RESULTS.md)")
-    p.add_argument("--unit-type", action="store_true", help="append the unit type's one-hot to the input")
-    p.add_argument("--recurrent", action="store_true", help="GRU core in the actor (cannot be served)")
+                        f"(default {d.critic}; with --resume the stored version's; --from-shards: always local)")
+    p.add_argument("--hidden", type=int, help=f"hidden layer width (default {d.hidden}; with --resume the stored "
+                                              "version's)")
+    p.add_argument("--agent-id", action=argparse.BooleanOptionalAction,
+                   help=f"append the unit slot's one-hot to the input (default {d.agent_id}; with a constant "
+                        "--ent-coef 0.05 it stalled 5m_vs_6m near 40%%; the default entropy anneal does not: "
+                        "bench/RESULTS.md)")
+    p.add_argument("--unit-type", action="store_true", default=None,
+                   help="append the unit type's one-hot to the input")
+    p.add_argument("--recurrent", action="store_true", default=None,
+                   help="GRU core in the actor (cannot be served)")
     p.add_argument("--envs", type=int, help=f"games played at once (per rank); default {d.envs}, "
                                             f"{LOCAL_CRITIC_DEFAULTS['envs']} with --critic local")
     p.add_argument("--rollout", type=int, help=f"steps per game per iteration; default {d.rollout}, "
@@ -84,7 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="evaluate and save every N environment steps (0: about every 20 s)")
     p.add_argument("--eval-episodes", type=int, default=d.eval_episodes, help="greedy evaluation games")
-    p.add_argument("--resume", help="continue from a version of --name: a number or 'latest'")
+    p.add_argument("--resume", help="continue from a version of --name: a number or 'latest'; the network keeps "
+                                    "its architecture (--sharing, --critic, --hidden, --agent-id, --unit-type, "
+                                    "--recurrent come from it and may only repeat it)")
     p.add_argument("--log-dir", help="CSV and PNG directory (default <models>/<name>/logs)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free port)")
     p.add_argument("--metrics-addr", default=d.metrics_addr, help="address for the metrics endpoint")
@@ -127,20 +133,43 @@ def _fail(command: str, message: str) -> int:
 
 # --- train ----------------------------------------------------------------------------------------------------
 
+def architecture_from_args(args, defaults) -> dict:
+    """The network's switches (ARCHITECTURE_FIELDS). Flags parse as None when not given: a fresh network takes
+    `defaults`' values (a TrainConfig or OfflineConfig), a resumed one its stored version's; an explicit flag
+    that contradicts the stored version is refused (a trained network cannot change shape)."""
+    from trainer.ppo import ARCHITECTURE_FIELDS, TrainError
+    from trainer.repository import ModelLoadError, ModelRepository
+
+    fields = [k for k in ARCHITECTURE_FIELDS if hasattr(defaults, k)]
+    given = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    if args.resume is None or not (args.resume == "latest" or args.resume.isdigit()):
+        return {k: given.get(k, getattr(defaults, k)) for k in fields}  # a bad --resume: the config refuses it
+    try:
+        card, version, _ = ModelRepository(args.models).load_card(
+            args.name, None if args.resume == "latest" else int(args.resume))
+    except ModelLoadError as e:
+        raise TrainError(f"--resume {args.resume}: {e}") from None
+    stored = {k: card["architecture"].get(k, getattr(defaults, k)) for k in fields}
+    clash = [f"--{k.replace('_', '-')} {given[k]} (stored: {stored[k]})" for k in fields
+             if k in given and given[k] != stored[k]]
+    if clash:
+        raise TrainError(f"--resume: version {version} of {args.name!r} keeps its architecture; this run asks for "
+                         f"{', '.join(clash)}. Leave those flags out, or train a new --name")
+    return stored
+
+
 def train_config_from_args(args) -> "TrainConfig":
     from trainer.ppo import LOCAL_CRITIC_DEFAULTS, TrainConfig
 
-    critic = args.critic or TrainConfig.critic
+    arch = architecture_from_args(args, TrainConfig)
     # flags parsed as None when not given, so that their default can depend on the critic
     defaults = {k: getattr(TrainConfig, k) for k in ("envs", "rollout", "gae_lambda", "ent_coef", "ent_coef_final")}
-    if critic == "local":
+    if arch["critic"] == "local":
         defaults.update(LOCAL_CRITIC_DEFAULTS)
     chosen = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in defaults.items()}
     return TrainConfig(
         models=args.models, name=args.name, scenario=args.scenario or TrainConfig.scenario,
-        scenario_files=tuple(args.scenario_file), sharing=args.sharing, critic=critic,
-        hidden=args.hidden, agent_id=args.agent_id, unit_type=args.unit_type, recurrent=args.recurrent,
-        steps=args.steps,
+        scenario_files=tuple(args.scenario_file), **arch, steps=args.steps,
         minutes=args.minutes, target_win_rate=args.target_win_rate, target_window=args.target_window, seed=args.seed,
         device=args.device, threads=args.threads, lr=args.lr, anneal_lr=not args.no_anneal_lr, gamma=args.gamma,
         epochs=args.epochs, minibatches=args.minibatches, clip_coef=args.clip_coef,
@@ -164,8 +193,7 @@ def offline_config_from_args(args) -> "OfflineConfig":
                          f"environment; {', '.join(online_only)} applies to simulation training only")
     return OfflineConfig(
         shards=tuple(args.from_shards), models=args.models, name=args.name, scenario=args.scenario,
-        scenario_files=tuple(args.scenario_file), sharing=args.sharing, hidden=args.hidden, agent_id=args.agent_id,
-        unit_type=args.unit_type, resume=args.resume, iterations=args.iterations, epochs=args.epochs,
+        scenario_files=tuple(args.scenario_file), **architecture_from_args(args, OfflineConfig), resume=args.resume, iterations=args.iterations, epochs=args.epochs,
         minibatches=args.minibatches, lr=args.lr, anneal_lr=not args.no_anneal_lr, gamma=args.gamma,
         lam=OfflineConfig.lam if args.gae_lambda is None else args.gae_lambda, rho_bar=args.rho_bar,
         c_bar=args.c_bar, clip_coef=args.clip_coef,

@@ -188,6 +188,9 @@ class TrainConfig:
             raise TrainError(f"--name: {e}") from None
 
 
+# The TrainConfig fields that shape the network: a resumed version keeps its own (the CLI fills them from it).
+ARCHITECTURE_FIELDS = ("sharing", "critic", "hidden", "agent_id", "unit_type", "recurrent")
+
 # What `phalanx train --critic local` uses unless told otherwise. A local critic sees one unit's view, so values
 # bootstrapped from it mislead: with 8-step rollouts and lambda 0.95 it never won an 8m game in 2M steps. Whole
 # games per rollout (8m's limit is 120 steps) with lambda 1.0 leave it only as the baseline of the real returns:
@@ -420,6 +423,12 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
         mismatch = loaded.spec_mismatch(sc)
         if mismatch:
             raise TrainError(f"--resume: {mismatch}")
+        stored = {k: loaded.policy.config[k] for k in ARCHITECTURE_FIELDS}
+        clash = [f"{k}={getattr(cfg, k)!r} (stored: {stored[k]!r})" for k in ARCHITECTURE_FIELDS
+                 if getattr(cfg, k) != stored[k]]
+        if clash:  # the stored network is what trains: never let the config claim another one
+            raise TrainError(f"--resume: version {version} of {cfg.name!r} keeps its architecture; this run asks "
+                             f"for {', '.join(clash)}")
         policy, start_step, resumed_from = loaded.policy, int(loaded.card["step"]), version
     else:
         policy = Policy.for_scenario(sc, sharing=cfg.sharing, critic=cfg.critic, hidden=cfg.hidden,
