@@ -185,6 +185,11 @@ def test_spec_hash_follows_the_layout(tmp_path):
     f = tmp_path / "tweak.toml"
     f.write_text('[units.marine]\nrace="terran"\nhealth=55\ndamage=6\nrange=5\nspeed=3.15\n')
     assert load_scenario("3m", [f]).spec_hash != load_scenario("3m").spec_hash
+    # a medivac that no longer heals, same name and health: its target actions now mean "attack enemy k"
+    g = tmp_path / "no-heal.toml"
+    g.write_text('[units.medivac]\nrace="terran"\nhealth=150\narmor=1\ndamage=6\nrange=4\nspeed=3.5\n'
+                 'attributes=["armored", "mechanical"]\nflying=true\n')
+    assert load_scenario("MMM", [g]).spec_hash != load_scenario("MMM").spec_hash
 
 
 # --- PettingZoo and the command line ----------------------------------------------------------------

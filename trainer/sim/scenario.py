@@ -151,12 +151,14 @@ class Scenario:
 
     def layout(self) -> dict:
         """Everything that fixes what each observation float and each action index means."""
-        return {
+        types = self._types_by_name()
+        healers = sorted(n for n, t in types.items() if t.is_healer)
+        layout = {
             "format": SPEC_FORMAT_VERSION,
             "agents": [u.name for u in self.agents],
             "enemies": [u.name for u in self.enemies],
             "unit_types": list(self.unit_types),
-            "normalisers": {n: [t.health, t.shield] for n, t in self._types_by_name().items()},
+            "normalisers": {n: [t.health, t.shield] for n, t in types.items()},
             "map": list(self.map_size),
             "sight_range": self.sight_range,
             "shoot_range": self.shoot_range,
@@ -165,6 +167,9 @@ class Scenario:
             "state_size": self.state_size,
             "n_actions": self.n_actions,
         }
+        if healers:  # a healer's target actions mean "heal ally k", not "attack enemy k". Only present when
+            layout["healers"] = healers  # some unit heals, so healer-free layouts keep their hashes
+        return layout
 
     @property
     def spec_hash(self) -> str:
