@@ -19,10 +19,11 @@ RUN pip install --no-cache-dir . && useradd --create-home phalanx
 USER phalanx
 
 EXPOSE 50051 9100
-# gRPC health check (grpc.health.v1) through the client library
-HEALTHCHECK --interval=10s --timeout=3s --start-period=30s \
-    CMD python -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; \
-c=g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')); \
-sys.exit(0 if c.Check(h.HealthCheckRequest(), timeout=2).status==1 else 1)"
+# grpc.health.v1 through `phalanx health` (exit 0 only while a model serves). It probes 127.0.0.1:$PHALANX_PORT:
+# run with `-e PHALANX_PORT=N` when serving on another --port, and with
+# `-e PHALANX_HEALTH_ARGS="--tls-ca /certs/ca.pem --tls-server-name NAME"` when serving with TLS.
+ENV PHALANX_PORT=50051 PHALANX_HEALTH_ARGS=""
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s \
+    CMD phalanx health --server "127.0.0.1:${PHALANX_PORT}" --timeout 3 ${PHALANX_HEALTH_ARGS} > /dev/null || exit 1
 ENTRYPOINT ["phalanx"]
 CMD ["serve", "--models", "/models", "--name", "default", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9100"]

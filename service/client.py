@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._gen.phalanx.v1 import inference_pb2 as pb
 from service._gen.phalanx.v1 import inference_pb2_grpc as pb_grpc
@@ -176,6 +177,13 @@ class Client:
 
     def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
         return self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+
+    def health(self, *, timeout: float | None = None) -> str:
+        """The service's grpc.health.v1 status: "SERVING" once a model is warm, "NOT_SERVING" before that and
+        while draining (health checks need no token)."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        reply = self._call(stub.Check, health_pb2.HealthCheckRequest(), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def stream(self, *, timeout: float | None = None) -> "ActStream":
         """Open one long-lived ActStream (no deadline unless `timeout`)."""

@@ -1,4 +1,4 @@
-"""The service's subcommands of `phalanx`: serve and play. Flags are parsed here, once, into named values."""
+"""The service's subcommands of `phalanx`: serve, health and play. Flags are parsed here, once, into named values."""
 
 from __future__ import annotations
 
@@ -60,6 +60,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("health", help="is a running service serving? (grpc.health.v1; for container probes)",
+                       description="Ask a running `phalanx serve` for its grpc.health.v1 status and print it as one "
+                                   "JSON line. Exit 0 when SERVING (a model is loaded and warm), 1 when not "
+                                   "(no model yet, draining, or no answer), 2 for bad flags.")
+    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of `phalanx serve` (default "
+                                                                "127.0.0.1:50051)")
+    p.add_argument("--tls-ca", type=Path, help="PEM CA certificate to verify the server (turns TLS on)")
+    p.add_argument("--tls-server-name", help="expected name in the server's certificate (default: the host)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+    p.set_defaults(func=cmd_health)
+
     p = sub.add_parser("play", help="play simulator games with actions from a running service",
                        description="Run N built-in-simulator games at once (BattleSim(scenario, N, seed)), asking "
                                    "the service for every live unit's action each step; prints win rate, "
@@ -78,6 +89,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--auth-token-file", type=Path, help="file with the bearer token")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline per call in seconds (default 10)")
     p.set_defaults(func=cmd_play)
+
+
+def cmd_health(args) -> int:
+    import grpc
+
+    from service.client import Client
+
+    try:
+        with Client(args.server, tls_ca=args.tls_ca, server_name=args.tls_server_name, timeout=args.timeout,
+                    retries=0) as client:
+            status = client.health()
+    except OSError as e:  # an unreadable --tls-ca
+        print(f"phalanx health: {e}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as e:
+        print(json.dumps({"server": args.server, "status": "UNREACHABLE", "code": e.code().name,
+                          "details": e.details()}), flush=True)
+        return 1
+    print(json.dumps({"server": args.server, "status": status}), flush=True)
+    return 0 if status == "SERVING" else 1
 
 
 def cmd_serve(args) -> int:

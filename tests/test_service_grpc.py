@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import socket
 import subprocess
@@ -481,6 +482,38 @@ def test_health_follows_the_model_and_draining(service_repo, tmp_path):
     assert statuses == [N, S, S, N]
     assert unavailable[0] == grpc.StatusCode.UNAVAILABLE and "no model loaded" in unavailable[1]
     assert answer.model_version == 1
+
+
+def test_phalanx_health_exits_0_only_while_a_model_serves(service_repo, tmp_path, capsys):
+    """The container's HEALTHCHECK: `phalanx health` is 0 with a warm model, 1 before one loads or with no
+    server there, and prints the status as JSON."""
+    from service.cli import main
+
+    root, scenario, policy = service_repo
+    empty = tmp_path / "empty"
+
+    async def probe(address):
+        code = await asyncio.to_thread(main, ["health", "--server", address, "--timeout", "2"])
+        return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    async def run():
+        async with serving(empty, poll_seconds=0.02) as running:
+            before = await probe(running.address)
+            ModelRepository(empty).save("m", policy, scenario=scenario, step=0, eval_win_rate=None)
+            await wait_until(lambda: running.holder.current is not None, "the first model")
+            for _ in range(50):  # health turns SERVING right after the swap, in the poll task
+                after = await probe(running.address)
+                if after[0] == 0:
+                    break
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            closed = f"127.0.0.1:{s.getsockname()[1]}"
+        return before, after, await probe(closed)
+
+    before, after, nobody = asyncio.run(run())
+    assert before == (1, {"server": before[1]["server"], "status": "NOT_SERVING"})
+    assert after[0] == 0 and after[1]["status"] == "SERVING"
+    assert nobody[0] == 1 and nobody[1]["status"] == "UNREACHABLE" and nobody[1]["code"] == "UNAVAILABLE"
 
 
 def test_graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones(service_repo):
