@@ -108,12 +108,12 @@ class Batcher:
     def enqueue(self, rows: Rows, deadline: float | None = None) -> asyncio.Future:
         """Queue validated rows; returns the future of their Outputs. Raises RequestError when full."""
         k = rows.obs.shape[0]
+        if k > self.max_queue:  # a bad request (it could never fit), not load shed: counted as INVALID_ARGUMENT
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"observations: a frame may hold at most {self.max_queue} units (the "
+                               f"server's --max-queue), got {k}")
         if self._queued_rows + k > self.max_queue:
             self.metrics.shed.labels("queue_full").inc()
-            if k > self.max_queue:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"observations: a frame may hold at most {self.max_queue} units (the "
-                                   f"server's --max-queue), got {k}")
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"queue full: {self._queued_rows} units waiting (limit {self.max_queue}); "
                                f"retry with back-off")
