@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -79,3 +80,29 @@ def test_phalanx_train_under_torchrun(tmp_path):
     assert len(summaries) == 1, run.stdout
     assert summaries[0]["world_size"] == 2 and summaries[0]["steps"] == 16 * 8 * 2 * 2
     assert ModelRepository(models).versions("ddp") == [1, 2]
+
+
+def test_a_rank_that_cannot_start_stops_every_rank_at_once(tmp_path):
+    """Rank 0 alone binds --metrics-port; when that fails, the other rank must not wait in its first collective
+    (gloo's timeout is 30 minutes): both exit 2 within seconds and rank 0 names the cause."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "service.cli", "train", "--scenario", "3m", "--models", str(tmp_path / "models"), "--name", "x",
+               "--envs", "16", "--hidden", "16", "--steps", "256", "--no-progress", "--threads", "1",
+               "--metrics-port", str(port)]
+        # its own process group, so that a hang (the bug) leaves no rank behind when the test gives up
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+        try:
+            _, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            pytest.fail("rank 1 kept waiting for rank 0 after rank 0 failed to start")
+    assert proc.returncode != 0
+    assert f"--metrics-port {port}: cannot listen" in stderr
+    assert "rank 1 stops: another rank could not start" in stderr
+    assert not (tmp_path / "models" / "x").exists()

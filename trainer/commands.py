@@ -259,21 +259,23 @@ def cmd_train(args) -> int:
 def _train_rank(cfg, rank: int) -> int:
     """This process's share of `phalanx train` (all of it without torchrun); rank 0 alone serves metrics and
     prints the summary."""
-    from trainer.ppo import TrainError, train
+    from trainer.ppo import TrainError, all_ranks_ready, train
     from trainer.repository import ModelLoadError
     from trainer.train_metrics import TrainMetrics
 
-    metrics = None
+    metrics, failed = None, None
     try:
         if rank == 0 and (cfg.metrics_port is not None or cfg.pushgateway):
             metrics = TrainMetrics(scenario=cfg.scenario, model=cfg.name, pushgateway=cfg.pushgateway)
             if cfg.metrics_port is not None:
                 try:
                     port = metrics.serve(cfg.metrics_port, cfg.metrics_addr)
+                    print(f"metrics on http://{cfg.metrics_addr}:{port}/metrics", file=sys.stderr)
                 except OSError as e:
-                    return _fail("train", f"--metrics-port {cfg.metrics_port}: cannot listen on "
-                                          f"{cfg.metrics_addr}:{cfg.metrics_port}: {e}")
-                print(f"metrics on http://{cfg.metrics_addr}:{port}/metrics", file=sys.stderr)
+                    failed = (f"--metrics-port {cfg.metrics_port}: cannot listen on "
+                              f"{cfg.metrics_addr}:{cfg.metrics_port}: {e}")
+        if not all_ranks_ready(failed is None):
+            return _fail("train", failed or f"rank {rank} stops: another rank could not start (see its error)")
         try:
             result = train(cfg, metrics=metrics)
         except (TrainError, ScenarioError, ModelLoadError) as e:

@@ -382,6 +382,17 @@ def setup_distributed(device: str) -> tuple[int, int, str]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def all_ranks_ready(ready: bool) -> bool:
+    """Whether every rank got through its own start-up (say rank 0 binding --metrics-port). Every rank calls it
+    at the same point, so a rank that failed alone does not leave the others waiting in a collective it will
+    never join (gloo would wait out its 30-minute timeout). Without torchrun: `ready` itself."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ready
+    flag = torch.tensor([1 if ready else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def leave_process_group(exit_code: int) -> NoReturn:
     """End a torchrun rank: wait for the others, leave the process group, and exit with `exit_code` without the
     interpreter's shutdown.
