@@ -12,7 +12,8 @@ Two measures of "reached the target", per run: `first`, the first evaluation at 
 `sustained`, the first evaluation at which the mean of the last --window evaluations is (a greedy policy can
 swing by tens of points between checkpoints, so a single evaluation above the target can be luck). For each,
 per scenario and mode: the unit samples each seed needed (a seed that never got there counts its whole
-budget) and the median over seeds; every curve (win rate against samples) goes into one PNG. Ends with one
+budget) and the median over seeds; every curve (win rate against samples) goes into one PNG. Also per run:
+the mean of its evaluations (the area under its curve; the same budget for every mode). Ends with one
 JSON line whose `independent_over_shared` is the median over seeds of the samples independent learners
 needed divided by those shared needed (the goal: >= 2; a lower bound where independent never got there).
 --jobs runs that many trainings at once, one core each.
@@ -58,6 +59,12 @@ def run_one(cfg: TrainConfig) -> dict:
     """One training run (in a worker process when --jobs > 1): its evaluation history and summary."""
     run = train(cfg)
     return {"history": run.history, "summary": run.summary}
+
+
+def mean_win_rate(history: list[dict]) -> float:
+    """The mean of a run's evaluations: evaluations are evenly spaced in steps, so at equal budgets this is the
+    area under the win-rate curve, a measure of learning speed that one lucky or unlucky checkpoint barely moves."""
+    return statistics.fmean(h["win_rate"] for h in history) if history else 0.0
 
 
 def to_target(history: list[dict], summary: dict, target: float, window: int) -> dict:
@@ -135,9 +142,15 @@ def main() -> None:
             print(f"{sc:>6} {mode:>18} seed {seed}: target {args.target} first at {first['samples_to_target']} "
                   f"samples / {first['minutes_to_target']} min, sustained ({args.window} evaluations) at "
                   f"{sustained['samples_to_target']} samples; final {out['summary']['final_eval_win_rate']:.3f}, "
-                  f"best {out['summary']['best_eval_win_rate']:.3f}", flush=True)
+                  f"best {out['summary']['best_eval_win_rate']:.3f}, mean {mean_win_rate(out['history']):.3f}",
+                  flush=True)
 
     results = {m: summarise(runs[m], scenarios, modes, seeds) for m in measures}
+    # the whole curve at once, where samples-to-target reads one crossing of a noisy line
+    results["mean_win_rate"] = {sc: {mode: round(statistics.median(
+        mean_win_rate([{"win_rate": y} for _, y in curves[sc, mode, s]]) for s in seeds), 3) for mode in modes}
+        for sc in scenarios}
+    print(f"\nmean greedy win rate over each run's evaluations (median over seeds): {results['mean_win_rate']}")
     for m in measures:
         print(f"\n{m}: {'scenario':>8} {'mode':>18} {'median samples to target':>26} {'reached':>8}")
         for sc in scenarios:
