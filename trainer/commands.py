@@ -193,7 +193,8 @@ def offline_config_from_args(args) -> "OfflineConfig":
                          f"environment; {', '.join(online_only)} applies to simulation training only")
     return OfflineConfig(
         shards=tuple(args.from_shards), models=args.models, name=args.name, scenario=args.scenario,
-        scenario_files=tuple(args.scenario_file), **architecture_from_args(args, OfflineConfig), resume=args.resume, iterations=args.iterations, epochs=args.epochs,
+        scenario_files=tuple(args.scenario_file), **architecture_from_args(args, OfflineConfig), resume=args.resume,
+        iterations=args.iterations, epochs=args.epochs,
         minibatches=args.minibatches, lr=args.lr, anneal_lr=not args.no_anneal_lr, gamma=args.gamma,
         lam=OfflineConfig.lam if args.gae_lambda is None else args.gae_lambda, rho_bar=args.rho_bar,
         c_bar=args.c_bar, clip_coef=args.clip_coef,
