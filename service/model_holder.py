@@ -54,14 +54,6 @@ class ServedModel:
     """The policy's serving graph (`Policy.serving_graph`); None: eager `act_graph` (tracing unavailable)."""
 
 
-def _test_rows(model: ServedModel, rows: int, gen: torch.Generator):
-    """Random inputs for a load-time check: obs (rows, O), mask (rows, N) with action 1 always legal, unit slots."""
-    obs = torch.randn(rows, model.obs_size, generator=gen)
-    mask = torch.rand(rows, model.n_actions, generator=gen) < 0.5
-    mask[:, 1] = True
-    return obs, mask, torch.arange(rows) % model.n_agents
-
-
 class ModelHolder:
     """Holds the served model. `current` is None until a version has loaded (requests get UNAVAILABLE)."""
 
@@ -238,7 +230,7 @@ class ModelHolder:
         """A forward pass on every agent slot (and the warm-up sizes) must give legal, finite answers."""
         gen = torch.Generator().manual_seed(0)
         for rows in (model.n_agents,) + tuple(self.warmup_batch_sizes):
-            obs, mask, unit = _test_rows(model, rows, gen)
+            obs, mask, unit = model.policy.test_rows(rows, gen)
             greedy = torch.arange(rows) % 2 == 0
             out = model.policy.act(obs, mask, unit, greedy, generator=gen, graph=model.graph)
             if out.action.shape != (rows,) or out.log_prob.shape != (rows,) or out.value.shape != (rows,):

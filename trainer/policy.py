@@ -309,6 +309,14 @@ class Policy(nn.Module):
         action = logits.argmax(1)
         return log_probs, action, log_probs.gather(1, action[:, None]).squeeze(1), value
 
+    def test_rows(self, rows: int, generator: torch.Generator):
+        """Random inputs for a load-time check: obs (rows, O), mask (rows, N) with action 1 always legal, and
+        unit slots cycling through every agent."""
+        obs = torch.randn(rows, self.obs_size, generator=generator)
+        mask = torch.rand(rows, self.n_actions, generator=generator) < 0.5
+        mask[:, 1] = True
+        return obs, mask, torch.arange(rows) % self.n_agents
+
     def serving_graph(self, example_rows: int = 8) -> torch.jit.ScriptModule:
         """`act_graph` recorded by `torch.jit.trace`: one call into C++ per batch instead of ~50 Python-level
         ops, each of which would take and drop the GIL while the server's event loop competes for it.
@@ -326,10 +334,8 @@ class Policy(nn.Module):
             graph = torch.jit.trace(_ActGraph(self), (obs, mask, unit), check_trace=False)
         gen = torch.Generator().manual_seed(1)
         for rows in (1, 3 * self.n_agents):
-            obs = torch.randn(rows, self.obs_size, generator=gen)
-            mask = torch.rand(rows, self.n_actions, generator=gen) < 0.5
-            mask[:, 1] = True
-            unit, greedy = torch.arange(rows) % self.n_agents, torch.ones(rows, dtype=torch.bool)
+            obs, mask, unit = self.test_rows(rows, gen)
+            greedy = torch.ones(rows, dtype=torch.bool)
             eager, traced = self.act(obs, mask, unit, greedy), self.act(obs, mask, unit, greedy, graph=graph)
             if not (torch.equal(eager.action, traced.action)
                     and torch.allclose(eager.log_prob, traced.log_prob, rtol=1e-4, atol=1e-5)
