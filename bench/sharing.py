@@ -3,20 +3,26 @@
     python bench/sharing.py --scenarios 8m --modes shared,independent --set envs=64 --seeds 0,1,2 --jobs 2 --out sharing_8m.png
     python bench/sharing.py --scenarios 2s3z --set envs=64 --seeds 0,1,2 --jobs 2 --out sharing_2s3z.png
     python bench/sharing.py --scenarios 3m --steps 200000 --out /tmp/sharing.png     # a quick check
+    python bench/sharing.py --scenarios 2s3z --modes shared,independent --set envs=64 --set anneal_lr=false \
+        --set independent.lr=2.5e-4 --seeds 0,1,2,3,4 --jobs 2      # each mode at its own learning rate
 
 Every mode trains for the same number of environment steps (so about the same number of unit samples) from
 the same seeds with `phalanx train`'s defaults (plus any --set overrides, the same for every mode); the
 greedy win rate is evaluated every --eval-every steps. (On 8m per-type is shared: one unit type, one group.)
+`--set MODE.FIELD=VALUE` overrides a field for one mode only: each mode at its own learning rate, say, or a
+longer budget (`independent.steps=2500000`) for a mode that needs it; with constant schedules
+(`anneal_lr=false`, no `ent_coef_final`) a run's curve does not depend on its budget.
 
 Two measures of "reached the target", per run: `first`, the first evaluation at or above it, and
 `sustained`, the first evaluation at which the mean of the last --window evaluations is (a greedy policy can
 swing by tens of points between checkpoints, so a single evaluation above the target can be luck). For each,
 per scenario and mode: the unit samples each seed needed (a seed that never got there counts its whole
 budget) and the median over seeds; every curve (win rate against samples) goes into one PNG. Also per run:
-the mean of its evaluations (the area under its curve; the same budget for every mode). Ends with one
+the mean of its evaluations up to the smallest budget of any mode (the area under its curve). Ends with one
 JSON line whose `independent_over_shared` is the median over seeds of the samples independent learners
 needed divided by those shared needed (the goal: >= 2), a missed target counting the whole budget on either
-side: a lower bound where independent never got there, about 1 where neither did.
+side: a lower bound where independent never got there, about 1 where neither did; with it a 90% bootstrap
+interval over seeds (`..._interval`), since a handful of seeds leaves the median uncertain.
 --jobs runs that many trainings at once, one core each.
 
 A mode may name which samples train the actor after a colon (TrainConfig.actor_rows): `shared:one-unit` trains
@@ -29,9 +35,11 @@ comes from (more units per game step, or more game steps):
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import multiprocessing
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -62,10 +70,39 @@ def run_one(cfg: TrainConfig) -> dict:
     return {"history": run.history, "summary": run.summary}
 
 
-def mean_win_rate(history: list[dict]) -> float:
-    """The mean of a run's evaluations: evaluations are evenly spaced in steps, so at equal budgets this is the
-    area under the win-rate curve, a measure of learning speed that one lucky or unlucky checkpoint barely moves."""
-    return statistics.fmean(h["win_rate"] for h in history) if history else 0.0
+def mean_win_rate(history: list[dict], up_to_steps: int | None = None) -> float:
+    """The mean of a run's evaluations (those at or before up_to_steps): evaluations are evenly spaced in steps,
+    so over equal budgets this is the area under the win-rate curve, a measure of learning speed that one lucky
+    or unlucky checkpoint barely moves."""
+    rates = [h["win_rate"] for h in history if up_to_steps is None or h["steps"] <= up_to_steps]
+    return statistics.fmean(rates) if rates else 0.0
+
+
+def median_interval(values: list[float], level: float = 0.9, resamples: int = 2000) -> list[float]:
+    """A bootstrap interval for the median of per-seed values: resample the seeds with replacement and take the
+    middle `level` of the resampled medians. Seeded, so the same runs always print the same interval."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = round((1 - level) / 2 * resamples)
+    return [round(float(medians[tail]), 3), round(float(medians[resamples - 1 - tail]), 3)]
+
+
+def mode_overrides(overrides: dict, modes: list[str]) -> dict[str, dict]:
+    """{"envs": 64, "independent.lr": 2.5e-4} -> each mode's TrainConfig overrides: the common ones, then its
+    own. Names are checked here, before any run starts, so a typo does not surface as a worker's traceback."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    common: dict = {}
+    own: dict = {m: {} for m in modes}
+    for key, value in overrides.items():
+        mode, dot, field = key.rpartition(".")
+        if dot and mode not in own:
+            raise SystemExit(f"--set {key}: {mode!r} is not one of --modes ({','.join(modes)})")
+        if field not in fields:
+            raise SystemExit(f"--set {key}: TrainConfig has no field {field!r}")
+        if field in ("scenario", "sharing", "actor_rows", "seed", "name", "models"):
+            raise SystemExit(f"--set {key}: {field} is set by the benchmark itself (--scenarios, --modes, --seeds)")
+        (own[mode] if dot else common)[field] = value
+    return {m: {**common, **own[m]} for m in modes}
 
 
 def to_target(history: list[dict], summary: dict, target: float, window: int) -> dict:
@@ -95,6 +132,7 @@ def summarise(runs: dict, scenarios: list, modes: list, seeds: list) -> dict:
             # counted as such rather than left out (leaving those seeds out would flatter sharing).
             per_seed = [round(need("independent", s) / need("shared", s), 3) for s in seeds]
             results[sc]["independent_over_shared"] = round(float(statistics.median(per_seed)), 3)
+            results[sc]["independent_over_shared_interval"] = median_interval(per_seed)
             results[sc]["independent_over_shared_per_seed"] = per_seed  # in --seeds order
             results[sc]["lower_bound"] = any(runs[sc, "independent", s]["samples_to_target"] is None for s in seeds)
             results[sc]["shared_missed"] = sum(runs[sc, "shared", s]["samples_to_target"] is None for s in seeds)
@@ -123,12 +161,15 @@ def main() -> None:
     scenarios = [s for s in args.scenarios.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    per_mode = mode_overrides(overrides, modes)
     keys = [(sc, mode, seed) for sc in scenarios for seed in seeds for mode in modes]
     configs = {(sc, mode, seed): TrainConfig(
         models=models, name=f"{sc}-{mode.replace(':', '-')}-{seed}", scenario=sc, **mode_fields(mode),
-        steps=args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes, seed=seed, progress=False,
-        **overrides)
+        **{"steps": args.steps, "eval_every": args.eval_every, "eval_episodes": args.eval_episodes, "seed": seed,
+           "progress": False, **per_mode[mode]})
         for sc, mode, seed in keys}
+    # the mean win rate compares curves over the budget every mode had
+    common_steps = min(c.steps for c in configs.values()) if all(c.steps for c in configs.values()) else None
     print(f"{len(keys)} runs, {args.jobs} at a time; models and CSV logs under {models}", flush=True)
 
     measures = {"first": 1, "sustained": args.window}
@@ -143,7 +184,7 @@ def main() -> None:
             for m, window in measures.items():
                 runs[m][key] = to_target(out["history"], out["summary"], args.target, window)
             curves[key] = [(h["samples"], h["win_rate"]) for h in out["history"]]
-            means[key] = mean_win_rate(out["history"])
+            means[key] = mean_win_rate(out["history"], common_steps)
             first, sustained = runs["first"][key], runs["sustained"][key]
             print(f"{sc:>6} {mode:>18} seed {seed}: target {args.target} first at {first['samples_to_target']} "
                   f"samples / {first['minutes_to_target']} min, sustained ({args.window} evaluations) at "
@@ -155,7 +196,8 @@ def main() -> None:
     # the whole curve at once, where samples-to-target reads one crossing of a noisy line
     results["mean_win_rate"] = {sc: {mode: round(statistics.median(means[sc, mode, s] for s in seeds), 3)
                                      for mode in modes} for sc in scenarios}
-    print(f"\nmean greedy win rate over each run's evaluations (median over seeds): {results['mean_win_rate']}")
+    upto = f" up to step {common_steps:,}" if common_steps else ""
+    print(f"\nmean greedy win rate over each run's evaluations{upto} (median over seeds): {results['mean_win_rate']}")
     for m in measures:
         print(f"\n{m}: {'scenario':>8} {'mode':>18} {'median samples to target':>26} {'reached':>8}")
         for sc in scenarios:
@@ -164,7 +206,8 @@ def main() -> None:
                 print(f"{sc:>8} {mode:>18} {r['samples_to_target']:>26,.0f} {r['reached']:>5}/{r['runs']}")
             if "independent_over_shared" in results[m][sc]:
                 r = results[m][sc]
-                print(f"{sc:>8} independent / shared = {r['independent_over_shared']} (per seed "
+                print(f"{sc:>8} independent / shared = {r['independent_over_shared']} (90% interval "
+                      f"{r['independent_over_shared_interval']}; per seed "
                       f"{r['independent_over_shared_per_seed']}; a lower bound: {r['lower_bound']}; seeds where "
                       f"shared missed: {r['shared_missed']})")
 
