@@ -17,9 +17,9 @@ import torch
 
 from service.cli import build_parser, main
 from trainer.commands import offline_config_from_args, train_config_from_args
-from trainer.offline import OfflineConfig, backward_plan, train_offline, vtrace
+from trainer.config import OfflineConfig, TrainError
+from trainer.offline import backward_plan, train_offline, vtrace
 from trainer.policy import Policy
-from trainer.ppo import TrainError
 from trainer.repository import ModelRepository
 from trainer.shards import Chunk, chunk_table, read_shards, write_shard
 from trainer.sim import load_scenario

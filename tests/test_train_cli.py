@@ -161,7 +161,7 @@ def test_local_critic_defaults_to_whole_game_rollouts():
     mislead); anything given explicitly wins, and the central critic keeps its own defaults."""
     from service.cli import build_parser
     from trainer.commands import train_config_from_args
-    from trainer.ppo import LOCAL_CRITIC_DEFAULTS
+    from trainer.config import LOCAL_CRITIC_DEFAULTS
 
     def cfg(*extra):
         return train_config_from_args(build_parser().parse_args(["train", "--models", "m", "--name", "x", *extra]))
@@ -181,7 +181,7 @@ def test_resume_takes_the_stored_architecture_and_refuses_flags_that_contradict_
     from service.cli import build_parser
     from trainer.commands import train_config_from_args
     from trainer.policy import Policy
-    from trainer.ppo import TrainError
+    from trainer.config import TrainError
     from trainer.sim import load_scenario
 
     sc = load_scenario("3m")

@@ -25,8 +25,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from trainer.offline import OfflineConfig
-    from trainer.ppo import LOCAL_CRITIC_DEFAULTS, TrainConfig
+    from trainer.config import LOCAL_CRITIC_DEFAULTS, OfflineConfig, TrainConfig
 
     d = TrainConfig(models=".", name="x")  # the defaults, shown in --help
     p = sub.add_parser("train", help="learn the shared unit policy with PPO and publish versions to a model repository",
@@ -137,7 +136,7 @@ def architecture_from_args(args, defaults) -> dict:
     """The network's switches (ARCHITECTURE_FIELDS). Flags parse as None when not given: a fresh network takes
     `defaults`' values (a TrainConfig or OfflineConfig), a resumed one its stored version's; an explicit flag
     that contradicts the stored version is refused (a trained network cannot change shape)."""
-    from trainer.ppo import ARCHITECTURE_FIELDS, TrainError
+    from trainer.config import ARCHITECTURE_FIELDS, TrainError
     from trainer.repository import ModelLoadError, ModelRepository
 
     fields = [k for k in ARCHITECTURE_FIELDS if hasattr(defaults, k)]
@@ -159,7 +158,7 @@ def architecture_from_args(args, defaults) -> dict:
 
 
 def train_config_from_args(args) -> "TrainConfig":
-    from trainer.ppo import LOCAL_CRITIC_DEFAULTS, TrainConfig
+    from trainer.config import LOCAL_CRITIC_DEFAULTS, TrainConfig
 
     arch = architecture_from_args(args, TrainConfig)
     # flags parsed as None when not given, so that their default can depend on the critic
@@ -179,8 +178,7 @@ def train_config_from_args(args) -> "TrainConfig":
 
 
 def offline_config_from_args(args) -> "OfflineConfig":
-    from trainer.offline import OfflineConfig
-    from trainer.ppo import TrainError
+    from trainer.config import OfflineConfig, TrainError
 
     online_only = [flag for flag, given in (
         ("--critic central", args.critic == "central"), ("--recurrent", args.recurrent), ("--steps", args.steps),

@@ -36,110 +36,17 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from trainer.policy import SHARING_MODES, Policy
-from trainer.ppo import TrainError, TrainResult, _write_csv, evaluate, ppo_loss
-from trainer.repository import ModelRepository, check_name
+from trainer.config import OfflineConfig, TrainError
+from trainer.policy import Policy
+from trainer.ppo import TrainResult, _write_csv, evaluate, ppo_loss
+from trainer.repository import ModelRepository
 from trainer.shards import read_shards
 from trainer.sim import load_scenario
-
-
-@dataclass
-class OfflineConfig:
-    """One `phalanx train --from-shards` run, parsed once at the CLI edge."""
-
-    shards: tuple[str, ...]
-    """Shard directories or files (written by `phalanx serve --experience-dir`)."""
-    models: str
-    """Model repository root; the new version goes to <models>/<name>/<version>/."""
-    name: str
-    """Model name inside the repository."""
-    scenario: str | None = None
-    """Scenario whose spec the shards must carry, and where the result is evaluated; None: the shards' spec."""
-    scenario_files: tuple[str, ...] = ()
-    """Extra TOML scenario files."""
-    sharing: str = "shared"
-    """Parameter sharing of a fresh policy (a resumed one keeps its own)."""
-    hidden: int = 64
-    """Hidden width of a fresh policy."""
-    agent_id: bool = True
-    """A fresh policy appends the unit slot's one-hot to its input (as `phalanx train` does by default)."""
-    unit_type: bool = False
-    """A fresh policy appends the unit type's one-hot to its input."""
-    resume: str | None = None
-    """A version of <name> to continue from: an integer or 'latest'."""
-    iterations: int = 10
-    """V-trace target recomputations (I); each is followed by `epochs` x `minibatches` updates."""
-    epochs: int = 10
-    """Passes over the logged samples per iteration (K)."""
-    minibatches: int = 2
-    """Minibatches per epoch (M)."""
-    lr: float = 5e-4
-    """Adam learning rate at the start; annealed linearly to 0 over the iterations when anneal_lr."""
-    anneal_lr: bool = True
-    """Anneal the learning rate over the iterations."""
-    gamma: float = 0.99
-    """Discount."""
-    lam: float = 0.95
-    """V-trace lambda (the trace weight c is lambda * min(c_bar, ratio)), like GAE's lambda."""
-    rho_bar: float = 1.0
-    """Truncation of the importance weight in the TD errors and advantages (IMPALA's rho-bar)."""
-    c_bar: float = 1.0
-    """Truncation of the trace weights (IMPALA's c-bar)."""
-    clip_coef: float = 0.2
-    """PPO clip of the ratio against the iteration's starting policy (and of the value update)."""
-    ent_coef: float = 0.05
-    """Entropy bonus (the same default as online training, trainer/ppo.py says why)."""
-    vf_coef: float = 0.5
-    """Value loss weight."""
-    max_grad_norm: float = 10.0
-    """Global gradient-norm clip."""
-    eval_episodes: int = 256
-    """Greedy evaluation games on the simulator after training (the first episode of each)."""
-    seed: int = 0
-    """Seed of the network init, the minibatch order and the evaluation games."""
-    device: str = "cpu"
-    """cpu or cuda[:N]."""
-    threads: int = 1
-    """torch CPU threads (0: torch's default)."""
-    log_dir: str | None = None
-    """Where the per-iteration CSV goes (default: <models>/<name>/logs)."""
-    progress: bool = True
-    """One line per iteration on stderr."""
-
-    def __post_init__(self):
-        check = [
-            (len(self.shards) >= 1, "--from-shards needs at least one directory or file"),
-            (self.sharing in SHARING_MODES, f"--sharing must be one of {', '.join(SHARING_MODES)}, got {self.sharing!r}"),
-            (self.hidden >= 1, f"--hidden must be >= 1, got {self.hidden}"),
-            (self.iterations >= 1, f"--iterations must be >= 1, got {self.iterations}"),
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.minibatches >= 1, f"--minibatches must be >= 1, got {self.minibatches}"),
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (0 <= self.gamma <= 1, f"--gamma must lie in [0, 1], got {self.gamma}"),
-            (0 <= self.lam <= 1, f"--gae-lambda must lie in [0, 1], got {self.lam}"),
-            (self.rho_bar > 0, f"--rho-bar must be > 0, got {self.rho_bar}"),
-            (self.c_bar > 0, f"--c-bar must be > 0, got {self.c_bar}"),
-            (self.clip_coef > 0, f"--clip-coef must be > 0, got {self.clip_coef}"),
-            (self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm}"),
-            (self.eval_episodes >= 1, f"--eval-episodes must be >= 1, got {self.eval_episodes}"),
-            (self.threads >= 0, f"--threads must be >= 0, got {self.threads}"),
-            (self.resume is None or self.resume == "latest" or (self.resume.isdigit() and int(self.resume) > 0),
-             f"--resume must be a positive version number or 'latest', got {self.resume!r}"),
-            (self.device == "cpu" or self.device.startswith("cuda"), f"--device must be cpu or cuda[:N], got {self.device!r}"),
-        ]
-        for ok, message in check:
-            if not ok:
-                raise TrainError(message)
-        try:
-            check_name(self.name)
-        except ValueError as e:
-            raise TrainError(f"--name: {e}") from None
 
 
 # --- V-trace ----------------------------------------------------------------------------------------------------

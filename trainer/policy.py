@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-SHARING_MODES = ("shared", "per-type", "independent")
-CRITICS = ("central", "local")
+from trainer.config import CRITICS, SHARING_MODES
+
 CONFIG_FORMAT = 1
 _MASKED = -1e9  # logit of a forbidden action: exp() underflows to exactly 0 probability
 

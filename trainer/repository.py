@@ -26,6 +26,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from trainer.atomic import fsync_dir, make_public, write_synced
+from trainer.config import check_name
 from trainer.policy import Policy
 
 CARD_FORMAT = 1
@@ -36,7 +37,6 @@ CARD_FILE = "card.json"
 # (the service remembers refused numbers, and shards name the version that acted).
 LAST_ISSUED_FILE = ".last-version"
 TMP_PREFIX = ".tmp-"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _VERSION_RE = re.compile(r"^[1-9][0-9]*$")
 REQUIRED_CARD_KEYS = ("format", "name", "version", "architecture", "spec", "sharing", "critic", "scenario", "step",
                       "eval_win_rate", "created")
@@ -61,13 +61,6 @@ class LoadedModel:
             return None
         return (f"version {self.version} of {self.card['name']!r} was trained on spec {spec['name']!r} "
                 f"(hash {spec['hash']}), not on scenario {scenario.name!r} (hash {scenario.spec_hash})")
-
-
-def check_name(name: str) -> str:
-    """Model names are one safe path component: letters, digits, '_', '.', '-' (not leading '.' or '-')."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(f"model name must match {_NAME_RE.pattern} (a single safe path component), got {name!r}")
-    return name
 
 
 class ModelRepository:
