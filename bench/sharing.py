@@ -4,25 +4,30 @@
     python bench/sharing.py --scenarios 2s3z --set envs=64 --seeds 0,1,2 --jobs 2 --out sharing_2s3z.png
     python bench/sharing.py --scenarios 3m --steps 200000 --out /tmp/sharing.png     # a quick check
     python bench/sharing.py --scenarios 2s3z --modes shared,independent --set envs=64 --set anneal_lr=false \
-        --set independent.lr=2.5e-4 --seeds 0,1,2,3,4 --jobs 2      # each mode at its own learning rate
+        --set ent_coef=0.05 --set ent_coef_final=null --set independent.lr=2.5e-4 --seeds 0,1,2,3,4 --jobs 2
+        # each mode at its own learning rate, with no schedule
 
 Every mode trains for the same number of environment steps (so about the same number of unit samples) from
-the same seeds with `phalanx train`'s defaults (plus any --set overrides, the same for every mode); the
-greedy win rate is evaluated every --eval-every steps. (On 8m per-type is shared: one unit type, one group.)
-`--set MODE.FIELD=VALUE` overrides a field for one mode only: each mode at its own learning rate, say, or a
-longer budget (`independent.steps=2500000`) for a mode that needs it; with constant schedules
-(`anneal_lr=false`, no `ent_coef_final`) a run's curve does not depend on its budget.
+the same seeds with `phalanx train`'s defaults plus the --set overrides; the greedy win rate is evaluated
+every --eval-every steps. (On 8m per-type is shared: one unit type, one group.) `--set FIELD=VALUE` sets a
+TrainConfig field for every mode, `--set MODE.FIELD=VALUE` for one mode only: each mode at its own learning
+rate, say, or a longer budget (`independent.steps=2500000`) for a mode that needs it. Budgets may differ only
+with constant schedules (`anneal_lr=false`, `ent_coef_final=null`): then a run's curve does not depend on its
+budget, while an annealed run of a longer budget would be a different run at every step.
 
 Two measures of "reached the target", per run: `first`, the first evaluation at or above it, and
 `sustained`, the first evaluation at which the mean of the last --window evaluations is (a greedy policy can
 swing by tens of points between checkpoints, so a single evaluation above the target can be luck). For each,
 per scenario and mode: the unit samples each seed needed (a seed that never got there counts its whole
 budget) and the median over seeds; every curve (win rate against samples) goes into one PNG. Also per run:
-the mean of its evaluations up to the smallest budget of any mode (the area under its curve). Ends with one
+the mean of its evaluations up to where the shortest run ended (the area under its curve). Ends with one
 JSON line whose `independent_over_shared` is the median over seeds of the samples independent learners
-needed divided by those shared needed (the goal: >= 2), a missed target counting the whole budget on either
-side: a lower bound where independent never got there, about 1 where neither did; with it a 90% bootstrap
-interval over seeds (`..._interval`), since a handful of seeds leaves the median uncertain.
+needed divided by those shared needed (the goal: >= 2). A missed target counts the whole budget: where
+independent missed, the seed's ratio is a lower bound; where shared missed, a seed is no evidence for sharing
+and counts as at most 1 (min(independent's need, shared's budget) / shared's budget). With the median, a
+distribution-free interval for it (`..._interval`: the order statistics that hold the true median with at
+least 90% probability, or as near as the number of seeds allows, the probability given as `..._coverage`),
+since a handful of seeds leaves the median uncertain.
 --jobs runs that many trainings at once, one core each.
 
 A mode may name which samples train the actor after a colon (TrainConfig.actor_rows): `shared:one-unit` trains
@@ -37,9 +42,9 @@ import argparse
 import concurrent.futures
 import dataclasses
 import json
+import math
 import multiprocessing
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -78,18 +83,35 @@ def mean_win_rate(history: list[dict], up_to_steps: int | None = None) -> float:
     return statistics.fmean(rates) if rates else 0.0
 
 
-def median_interval(values: list[float], level: float = 0.9, resamples: int = 2000) -> list[float]:
-    """A bootstrap interval for the median of per-seed values: resample the seeds with replacement and take the
-    middle `level` of the resampled medians. Seeded, so the same runs always print the same interval."""
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
-    tail = round((1 - level) / 2 * resamples)
-    return [round(float(medians[tail]), 3), round(float(medians[resamples - 1 - tail]), 3)]
+def median_interval(values: list[float], level: float = 0.9) -> tuple[list[float], float]:
+    """An interval for the median of the distribution the per-seed values come from, and its coverage.
+
+    Distribution-free: each seed's value lies below the true median with probability 1/2, so the k-th smallest
+    and k-th largest of n values bracket it with probability 1 - 2 P(Binomial(n, 1/2) < k). k is the largest
+    with a coverage of at least `level`; with too few seeds for that (n <= 4 at 90%) the interval is the whole
+    range and the coverage says how much less it is (75% for three seeds). A bootstrap would print the same
+    range for five seeds or fewer and call it 90%."""
+    n = len(values)
+    ordered = sorted(values)
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
+
+    k = max([k for k in range(1, (n + 1) // 2 + 1) if coverage(k) >= level], default=1)
+    return [round(float(ordered[k - 1]), 3), round(float(ordered[n - k]), 3)], round(coverage(k), 3)
+
+
+# Fields the benchmark sets itself, or that would cut a curve short or measure it on another grid.
+_RESERVED = {"scenario": "--scenarios", "sharing": "--modes", "actor_rows": "--modes", "seed": "--seeds",
+             "name": "", "models": "", "progress": "", "steps": "--steps", "eval_every": "--eval-every",
+             "eval_episodes": "--eval-episodes", "minutes": "--steps", "target_win_rate": "--target",
+             "target_window": "--window", "resume": ""}
 
 
 def mode_overrides(overrides: dict, modes: list[str]) -> dict[str, dict]:
     """{"envs": 64, "independent.lr": 2.5e-4} -> each mode's TrainConfig overrides: the common ones, then its
-    own. Names are checked here, before any run starts, so a typo does not surface as a worker's traceback."""
+    own. Names are checked here, before any run starts, so a typo does not surface as a worker's traceback.
+    One mode may have its own `steps` (a longer budget for a slow learner), but only with constant schedules."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     common: dict = {}
     own: dict = {m: {} for m in modes}
@@ -99,10 +121,18 @@ def mode_overrides(overrides: dict, modes: list[str]) -> dict[str, dict]:
             raise SystemExit(f"--set {key}: {mode!r} is not one of --modes ({','.join(modes)})")
         if field not in fields:
             raise SystemExit(f"--set {key}: TrainConfig has no field {field!r}")
-        if field in ("scenario", "sharing", "actor_rows", "seed", "name", "models"):
-            raise SystemExit(f"--set {key}: {field} is set by the benchmark itself (--scenarios, --modes, --seeds)")
+        if field in _RESERVED and not (dot and field == "steps"):
+            flag = _RESERVED[field]
+            raise SystemExit(f"--set {key}: {field} is the benchmark's own" + (f" (use {flag})" if flag else ""))
         (own[mode] if dot else common)[field] = value
-    return {m: {**common, **own[m]} for m in modes}
+    per_mode = {m: {**common, **own[m]} for m in modes}
+    if any("steps" in o for o in own.values()):
+        defaults = TrainConfig(models=".", name="x")
+        for m, o in per_mode.items():
+            if o.get("anneal_lr", defaults.anneal_lr) or o.get("ent_coef_final", defaults.ent_coef_final) is not None:
+                raise SystemExit(f"--set MODE.steps: budgets may differ only with constant schedules (--set "
+                                 f"anneal_lr=false --set ent_coef_final=null); mode {m!r} anneals over its budget")
+    return per_mode
 
 
 def to_target(history: list[dict], summary: dict, target: float, window: int) -> dict:
@@ -113,7 +143,7 @@ def to_target(history: list[dict], summary: dict, target: float, window: int) ->
 
 def summarise(runs: dict, scenarios: list, modes: list, seeds: list) -> dict:
     """Per scenario: each mode's samples to the target, median over seeds (a run that never got there counts
-    as its whole budget, so the ratio is then a lower bound), and the goal's ratio independent / shared."""
+    as its whole budget), and the goal's ratio independent / shared (see the module's docstring)."""
     results: dict = {}
     for sc in scenarios:
         results[sc] = {}
@@ -124,15 +154,20 @@ def summarise(runs: dict, scenarios: list, modes: list, seeds: list) -> dict:
                                  "reached": sum(r["samples_to_target"] is not None for r in per_seed),
                                  "runs": len(per_seed), "per_seed": [r["samples_to_target"] for r in per_seed]}
         if "shared" in modes and "independent" in modes:
-            def need(mode, seed):  # a run that never got there counts its whole budget, whichever mode it is
-                r = runs[sc, mode, seed]
-                return r["samples_to_target"] or r["samples"]
+            def ratio(seed):
+                shared, independent = runs[sc, "shared", seed], runs[sc, "independent", seed]
+                need = independent["samples_to_target"] or independent["samples"]  # missed: a lower bound
+                if shared["samples_to_target"] is None:
+                    # No evidence for sharing: counted as at most 1 rather than left out (leaving it out would
+                    # flatter sharing), and not as independent's longer budget over shared's shorter one.
+                    return min(need, shared["samples"]) / shared["samples"]
+                return need / shared["samples_to_target"]
 
-            # Where shared missed too, the ratio is about 1 (both budgets) or below: no evidence for sharing,
-            # counted as such rather than left out (leaving those seeds out would flatter sharing).
-            per_seed = [round(need("independent", s) / need("shared", s), 3) for s in seeds]
+            per_seed = [round(ratio(s), 3) for s in seeds]
             results[sc]["independent_over_shared"] = round(float(statistics.median(per_seed)), 3)
-            results[sc]["independent_over_shared_interval"] = median_interval(per_seed)
+            interval, coverage = median_interval(per_seed)
+            results[sc]["independent_over_shared_interval"] = interval
+            results[sc]["independent_over_shared_coverage"] = coverage
             results[sc]["independent_over_shared_per_seed"] = per_seed  # in --seeds order
             results[sc]["lower_bound"] = any(runs[sc, "independent", s]["samples_to_target"] is None for s in seeds)
             results[sc]["shared_missed"] = sum(runs[sc, "shared", s]["samples_to_target"] is None for s in seeds)
@@ -143,7 +178,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenarios", default="8m,2s3z")
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--steps", type=int, default=1_500_000, help="environment steps per run (equal for all modes)")
+    ap.add_argument("--steps", type=int, default=1_500_000,
+                    help="environment steps per run (every mode's, unless --set MODE.steps=N gives one its own)")
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--window", type=int, default=3,
                     help="the 'sustained' measure: the mean of this many consecutive evaluations must reach the "
@@ -153,8 +189,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; every mode runs once per seed")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, in worker processes (one core each)")
     ap.add_argument("--out", default="sharing.png", help="PNG with every curve")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override a TrainConfig field for every mode, e.g. --set envs=64 (repeatable)")
+    ap.add_argument("--set", action="append", default=[], metavar="[MODE.]FIELD=VALUE",
+                    help="override a TrainConfig field for every mode (--set envs=64) or for one mode "
+                         "(--set independent.lr=2.5e-4); repeatable")
     args = ap.parse_args()
     overrides = parse_overrides(args.set)
     models = tempfile.mkdtemp(prefix="phalanx-sharing-")
@@ -168,14 +205,11 @@ def main() -> None:
         **{"steps": args.steps, "eval_every": args.eval_every, "eval_episodes": args.eval_episodes, "seed": seed,
            "progress": False, **per_mode[mode]})
         for sc, mode, seed in keys}
-    # the mean win rate compares curves over the budget every mode had
-    common_steps = min(c.steps for c in configs.values()) if all(c.steps for c in configs.values()) else None
     print(f"{len(keys)} runs, {args.jobs} at a time; models and CSV logs under {models}", flush=True)
 
     measures = {"first": 1, "sustained": args.window}
     runs: dict = {m: {} for m in measures}  # measure -> (scenario, mode, seed) -> to_target(...)
-    curves: dict = {}  # (scenario, mode, seed) -> [(samples, win rate)]
-    means: dict = {}  # (scenario, mode, seed) -> mean evaluation win rate
+    histories: dict = {}  # (scenario, mode, seed) -> the run's evaluations
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_one, configs[k]): k for k in keys}
         for fut in concurrent.futures.as_completed(futures):
@@ -183,21 +217,25 @@ def main() -> None:
             out = fut.result()
             for m, window in measures.items():
                 runs[m][key] = to_target(out["history"], out["summary"], args.target, window)
-            curves[key] = [(h["samples"], h["win_rate"]) for h in out["history"]]
-            means[key] = mean_win_rate(out["history"], common_steps)
+            histories[key] = out["history"]
             first, sustained = runs["first"][key], runs["sustained"][key]
             print(f"{sc:>6} {mode:>18} seed {seed}: target {args.target} first at {first['samples_to_target']} "
                   f"samples / {first['minutes_to_target']} min, sustained ({args.window} evaluations) at "
                   f"{sustained['samples_to_target']} samples; final {out['summary']['final_eval_win_rate']:.3f}, "
-                  f"best {out['summary']['best_eval_win_rate']:.3f}, mean {means[key]:.3f}",
-                  flush=True)
+                  f"best {out['summary']['best_eval_win_rate']:.3f}", flush=True)
 
     results = {m: summarise(runs[m], scenarios, modes, seeds) for m in measures}
-    # the whole curve at once, where samples-to-target reads one crossing of a noisy line
+    # The whole curve at once, where samples-to-target reads one crossing of a noisy line; over the steps every
+    # run had (a mode given a longer budget is cut where the shortest run ended).
+    cut = min(h[-1]["steps"] for h in histories.values() if h) if any(histories.values()) else 0
+    means = {k: round(mean_win_rate(h, cut), 3) for k, h in histories.items()}
     results["mean_win_rate"] = {sc: {mode: round(statistics.median(means[sc, mode, s] for s in seeds), 3)
                                      for mode in modes} for sc in scenarios}
-    upto = f" up to step {common_steps:,}" if common_steps else ""
-    print(f"\nmean greedy win rate over each run's evaluations{upto} (median over seeds): {results['mean_win_rate']}")
+    results["mean_win_rate_per_seed"] = {sc: {mode: [means[sc, mode, s] for s in seeds] for mode in modes}
+                                         for sc in scenarios}
+    results["mean_win_rate_up_to_step"] = cut
+    print(f"\nmean greedy win rate over each run's evaluations up to step {cut:,}, per seed: "
+          f"{results['mean_win_rate_per_seed']}; median over seeds: {results['mean_win_rate']}")
     for m in measures:
         print(f"\n{m}: {'scenario':>8} {'mode':>18} {'median samples to target':>26} {'reached':>8}")
         for sc in scenarios:
@@ -206,8 +244,9 @@ def main() -> None:
                 print(f"{sc:>8} {mode:>18} {r['samples_to_target']:>26,.0f} {r['reached']:>5}/{r['runs']}")
             if "independent_over_shared" in results[m][sc]:
                 r = results[m][sc]
-                print(f"{sc:>8} independent / shared = {r['independent_over_shared']} (90% interval "
-                      f"{r['independent_over_shared_interval']}; per seed "
+                print(f"{sc:>8} independent / shared = {r['independent_over_shared']} (interval "
+                      f"{r['independent_over_shared_interval']} holds the median with probability "
+                      f"{r['independent_over_shared_coverage']}; per seed "
                       f"{r['independent_over_shared_per_seed']}; a lower bound: {r['lower_bound']}; seeds where "
                       f"shared missed: {r['shared_missed']})")
 
@@ -222,18 +261,20 @@ def main() -> None:
     for ax, sc in zip(axes[0], scenarios):
         for mode in modes:
             for i, seed in enumerate(seeds):
-                xs, ys = zip(*curves[sc, mode, seed]) if curves[sc, mode, seed] else ((), ())
+                curve = [(h["samples"], h["win_rate"]) for h in histories[sc, mode, seed]]
+                xs, ys = zip(*curve) if curve else ((), ())
                 ax.plot(xs, ys, marker=".", color=colors.get(mode), alpha=0.9 if i == 0 else 0.5,
                         label=mode if i == 0 else None)
         ax.axhline(args.target, color="grey", ls="--", lw=0.8)
-        ax.set(title=f"{sc}: equal samples, seeds {args.seeds}", xlabel="unit samples", ylabel="greedy win rate",
+        ax.set(title=f"{sc}: seeds {args.seeds}", xlabel="unit samples", ylabel="greedy win rate",
                ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.savefig(args.out, dpi=100)
-    print(json.dumps({"bench": "sharing", "steps": args.steps, "target": args.target, "window": args.window,
-                      "seeds": seeds,
-                      "overrides": overrides, "plot": args.out, "results": results}))
+    steps = {mode: configs[scenarios[0], mode, seeds[0]].steps for mode in modes}
+    print(json.dumps({"bench": "sharing", "steps": steps, "target": args.target, "window": args.window,
+                      "eval_every": args.eval_every, "seeds": seeds, "overrides": overrides, "plot": args.out,
+                      "results": results}))
 
 
 if __name__ == "__main__":

@@ -14,19 +14,36 @@ sharing = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sharing)
 
 
+CONSTANT = {"anneal_lr": False, "ent_coef_final": None}
+
+
 def test_mode_overrides_apply_common_fields_to_every_mode_and_own_fields_to_one():
-    per_mode = sharing.mode_overrides({"envs": 64, "lr": 5e-4, "independent.lr": 2.5e-4,
-                                       "independent.steps": 2_500_000}, ["shared", "independent"])
-    assert per_mode["shared"] == {"envs": 64, "lr": 5e-4}
-    assert per_mode["independent"] == {"envs": 64, "lr": 2.5e-4, "steps": 2_500_000}
+    per_mode = sharing.mode_overrides({"envs": 64, "lr": 5e-4, "independent.lr": 2.5e-4, **CONSTANT,
+                                       "independent.steps": 2_500_000, "shared:one-unit.lr": 1e-3},
+                                      ["shared", "shared:one-unit", "independent"])
+    assert per_mode["shared"] == {"envs": 64, "lr": 5e-4, **CONSTANT}
+    assert per_mode["shared:one-unit"] == {"envs": 64, "lr": 1e-3, **CONSTANT}
+    assert per_mode["independent"] == {"envs": 64, "lr": 2.5e-4, "steps": 2_500_000, **CONSTANT}
+
+
+def test_budgets_differ_only_with_constant_schedules():
+    """An annealed run of a longer budget has a larger step and bonus at every step: another run, not a longer
+    look at the same curve."""
+    with pytest.raises(SystemExit, match="constant schedules"):
+        sharing.mode_overrides({"independent.steps": 2_500_000}, ["shared", "independent"])
+    with pytest.raises(SystemExit, match="constant schedules"):
+        sharing.mode_overrides({"anneal_lr": False, "independent.steps": 2_500_000}, ["shared", "independent"])
 
 
 @pytest.mark.parametrize("key, message", [
     ("per-type.lr", "not one of --modes"),      # a mode that is not run
     ("independent.lrr", "no field 'lrr'"),      # a typo in the field
     ("lrr", "no field 'lrr'"),
-    ("sharing", "set by the benchmark"),        # would make every mode the same
-    ("independent.seed", "set by the benchmark"),
+    ("sharing", "benchmark's own"),             # would make every mode the same
+    ("independent.seed", "benchmark's own"),
+    ("steps", "use --steps"),                  # one budget for all: the flag, reported as such
+    ("independent.target_win_rate", "use --target"),  # would stop a curve at its first crossing
+    ("independent.eval_every", "use --eval-every"),   # would read the modes on different grids
 ])
 def test_mode_overrides_refuse_what_would_run_something_else(key, message):
     with pytest.raises(SystemExit, match=message):
@@ -39,13 +56,12 @@ def test_mean_win_rate_stops_at_the_common_budget():
     assert sharing.mean_win_rate(history, up_to_steps=200) == pytest.approx(0.3)
 
 
-def test_median_interval_brackets_the_median_and_repeats():
-    values = [1.5, 2.0, 2.2, 3.4, 11.0]
-    lo, hi = sharing.median_interval(values)
-    assert lo <= 2.2 <= hi
-    assert lo >= 1.5 and hi <= 11.0
-    assert sharing.median_interval(values) == [lo, hi]
-    assert sharing.median_interval([2.0, 2.0, 2.0]) == [2.0, 2.0]
+def test_median_interval_is_the_order_statistics_with_their_coverage():
+    # five seeds: only the whole range reaches 90% (1 - 2/32); three seeds: the range, 75%
+    assert sharing.median_interval([11.0, 2.0, 1.5, 3.4, 2.2]) == ([1.5, 11.0], 0.938)
+    assert sharing.median_interval([3.0, 1.0, 2.0]) == ([1.0, 3.0], 0.75)
+    # fifteen seeds: the 4th smallest and 4th largest (1 - 2 P(Bin(15, 1/2) <= 3) = 0.965; the 5th: 0.882)
+    assert sharing.median_interval([float(v) for v in range(15, 0, -1)]) == ([4.0, 12.0], 0.965)
 
 
 def test_summary_counts_missed_targets_as_the_whole_budget():
@@ -60,5 +76,16 @@ def test_summary_counts_missed_targets_as_the_whole_budget():
     assert out["independent_over_shared"] == 3.0
     assert out["lower_bound"] is True
     assert out["shared_missed"] == 1
-    lo, hi = out["independent_over_shared_interval"]
-    assert 1.0 <= lo <= 3.0 <= hi <= 5.0
+    assert out["independent_over_shared_interval"] == [1.0, 5.0]
+    assert out["independent_over_shared_coverage"] == 0.75
+
+
+def test_a_seed_where_shared_missed_counts_at_most_1_whatever_independents_budget():
+    """Independent given 2.5x the budget: where shared missed, its longer budget (or a late crossing) over
+    shared's shorter one would read as evidence for sharing."""
+    runs = {("2s3z", "shared", 0): {"samples_to_target": None, "samples": 1000},
+            ("2s3z", "independent", 0): {"samples_to_target": None, "samples": 2500},
+            ("2s3z", "shared", 1): {"samples_to_target": None, "samples": 1000},
+            ("2s3z", "independent", 1): {"samples_to_target": 600, "samples": 2500}}
+    out = sharing.summarise(runs, ["2s3z"], ["shared", "independent"], [0, 1])["2s3z"]
+    assert out["independent_over_shared_per_seed"] == [1.0, 0.6]

@@ -516,7 +516,7 @@ def test_phalanx_health_exits_0_only_while_a_model_serves(service_repo, tmp_path
     assert nobody[0] == 1 and nobody[1]["status"] == "UNREACHABLE" and nobody[1]["code"] == "UNAVAILABLE"
 
 
-def test_phalanx_health_does_not_load_torch():
+def test_phalanx_health_and_scenarios_do_not_load_torch():
     """The probe runs every few seconds beside the service: importing torch cost it over a second of CPU each
     time (1.6 s of 2.8 s wall here). It only needs grpc; the CLI must not pull in the trainer's heavy parts."""
     import sys
@@ -530,6 +530,12 @@ def test_phalanx_health_does_not_load_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().splitlines()[-1] == "no torch 1", out.stdout + out.stderr
     assert json.loads(out.stdout.strip().splitlines()[0])["status"] == "UNREACHABLE"
+    # nor does listing the scenarios
+    code = ("import sys; from service.cli import main; rc = main(['scenarios', '--json']); "
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch', rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "no torch 0", out.stdout + out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[0])["name"]
 
 
 def test_graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones(service_repo):

@@ -35,10 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a TOML file of extra units and scenarios (repeatable)")
     p.set_defaults(func=cmd_replay)
 
-    try:
-        from trainer import commands
-    except ImportError:
-        return
+    from trainer import commands
+
     commands.register(sub)
 
 

@@ -202,8 +202,8 @@ def offline_config_from_args(args) -> "OfflineConfig":
 
 
 def cmd_train_offline(args) -> int:
+    from trainer.config import TrainError
     from trainer.offline import train_offline
-    from trainer.ppo import TrainError
     from trainer.repository import ModelLoadError
     from trainer.shards import ShardError
     from trainer.train_metrics import TrainMetrics
@@ -238,7 +238,8 @@ def cmd_train(args) -> int:
     if args.from_shards:
         return cmd_train_offline(args)
 
-    from trainer.ppo import TrainError, leave_process_group, setup_distributed
+    from trainer.config import TrainError
+    from trainer.ppo import leave_process_group, setup_distributed
     from trainer.sim import load_scenario
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -258,7 +259,8 @@ def cmd_train(args) -> int:
 def _train_rank(cfg, rank: int) -> int:
     """This process's share of `phalanx train` (all of it without torchrun); rank 0 alone serves metrics and
     prints the summary."""
-    from trainer.ppo import TrainError, all_ranks_ready, train
+    from trainer.config import TrainError
+    from trainer.ppo import all_ranks_ready, train
     from trainer.repository import ModelLoadError
     from trainer.train_metrics import TrainMetrics
 

@@ -230,7 +230,8 @@ class OfflineConfig:
     clip_coef: float = 0.2
     """PPO clip of the ratio against the iteration's starting policy (and of the value update)."""
     ent_coef: float = 0.05
-    """Entropy bonus (the same default as online training, trainer/ppo.py says why)."""
+    """Entropy bonus, constant (there is no budget to anneal over here; TrainConfig.ent_coef above says why a
+    high bonus matters on this simulator)."""
     vf_coef: float = 0.5
     """Value loss weight."""
     max_grad_norm: float = 10.0

@@ -1,6 +1,11 @@
 """The built-in combat simulator: SMAC-style scenarios stepped as batched tensors."""
 
+from typing import TYPE_CHECKING
+
 from .scenario import Scenario, ScenarioError, UnitType, load_catalogue, load_scenario
+
+if TYPE_CHECKING:
+    from .engine import BattleSim, IllegalActionError, StepOutput
 
 __all__ = ["BattleSim", "IllegalActionError", "StepOutput", "Scenario", "ScenarioError", "UnitType",
            "load_catalogue", "load_scenario"]
@@ -14,5 +19,10 @@ def __getattr__(name: str):
     if name in _ENGINE:
         from . import engine
 
-        return getattr(engine, name)
+        value = globals()[name] = getattr(engine, name)
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
