@@ -1,4 +1,4 @@
-"""bench/sharing.py's bookkeeping: per-mode overrides, the summary's ratio and its bootstrap interval.
+"""bench/sharing.py's bookkeeping: per-mode overrides, the summary's ratio and the interval for its median.
 
 The sharing goal is read from these numbers, so a slip here (a ratio over the wrong seeds, an override that
 reaches the wrong mode, a mean over unequal budgets) would misreport the project's main figure."""

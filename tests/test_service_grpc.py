@@ -524,18 +524,21 @@ def test_phalanx_health_and_scenarios_do_not_load_torch():
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         closed = f"127.0.0.1:{s.getsockname()[1]}"
-    code = ("import sys; from service.cli import main; "
-            f"rc = main(['health', '--server', '{closed}', '--timeout', '2']); "
-            "print('torch loaded' if 'torch' in sys.modules else 'no torch', rc)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip().splitlines()[-1] == "no torch 1", out.stdout + out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[0])["status"] == "UNREACHABLE"
-    # nor does listing the scenarios
-    code = ("import sys; from service.cli import main; rc = main(['scenarios', '--json']); "
-            "print('torch loaded' if 'torch' in sys.modules else 'no torch', rc)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip().splitlines()[-1] == "no torch 0", out.stdout + out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[0])["name"]
+
+    def fresh_cli(argv: list[str]) -> tuple[list[str], str]:
+        """Run the CLI in a new interpreter: its output lines, and whether it loaded torch, with its exit code."""
+        code = (f"import sys; from service.cli import main; rc = main({argv!r}); "
+                "print('torch loaded' if 'torch' in sys.modules else 'no torch', rc)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        lines = out.stdout.strip().splitlines()
+        return lines[:-1], (lines[-1] if lines else out.stderr)
+
+    printed, verdict = fresh_cli(["health", "--server", closed, "--timeout", "2"])
+    assert verdict == "no torch 1", (printed, verdict)
+    assert json.loads(printed[0])["status"] == "UNREACHABLE"
+    printed, verdict = fresh_cli(["scenarios", "--json"])  # nor does listing the scenarios
+    assert verdict == "no torch 0", (printed, verdict)
+    assert json.loads(printed[0])["name"]
 
 
 def test_graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones(service_repo):

@@ -31,6 +31,17 @@ class TrainError(ValueError):
 ACTOR_ROWS = ("all", "one-unit", "game-subset")
 
 
+def _enforce(rules: list[tuple[bool, str]], name: str) -> None:
+    """Raise TrainError with the message of the first rule that does not hold, then check the model name."""
+    for ok, message in rules:
+        if not ok:
+            raise TrainError(message)
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise TrainError(f"--name: {e}") from None
+
+
 @dataclass
 class TrainConfig:
     """Everything one `phalanx train` run needs, parsed once at the CLI edge."""
@@ -166,13 +177,7 @@ class TrainConfig:
             (self.actor_rows in ACTOR_ROWS, f"actor_rows must be one of {', '.join(ACTOR_ROWS)}, got {self.actor_rows!r}"),
             (self.actor_rows == "all" or not self.recurrent, "actor_rows other than 'all' needs a feed-forward actor"),
         ]
-        for ok, message in check:
-            if not ok:
-                raise TrainError(message)
-        try:
-            check_name(self.name)
-        except ValueError as e:
-            raise TrainError(f"--name: {e}") from None
+        _enforce(check, self.name)
 
 
 # The TrainConfig fields that shape the network: a resumed version keeps its own (the CLI fills them from it).
@@ -270,10 +275,4 @@ class OfflineConfig:
              f"--resume must be a positive version number or 'latest', got {self.resume!r}"),
             (self.device == "cpu" or self.device.startswith("cuda"), f"--device must be cpu or cuda[:N], got {self.device!r}"),
         ]
-        for ok, message in check:
-            if not ok:
-                raise TrainError(message)
-        try:
-            check_name(self.name)
-        except ValueError as e:
-            raise TrainError(f"--name: {e}") from None
+        _enforce(check, self.name)
