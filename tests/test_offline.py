@@ -110,6 +110,9 @@ def test_offline_learner_prefers_the_action_the_log_rewarded(tmp_path):
     card = ModelRepository(tmp_path / "models").load("off").card
     assert card["critic"] == "local" and card["offline"]["behaviour_versions"] == [1]
     assert card["spec"]["hash"] == sc.spec_hash and card["eval_win_rate"] is not None
+    # the card says how the version was learned, and nothing about where the files were
+    assert (card["training"]["iterations"], card["training"]["lr"], card["training"]["ent_coef"]) == (4, 3e-3, 0.0)
+    assert not {"shards", "models", "name", "log_dir"} & set(card["training"])
 
 
 def test_offline_command_refuses_what_does_not_apply(tmp_path, capsys):

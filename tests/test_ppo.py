@@ -106,6 +106,10 @@ def test_every_sharing_mode_and_critic_trains_and_saves(tmp_path, scenario, shar
     assert loaded.card["sharing"] == sharing and loaded.card["critic"] == critic
     assert loaded.card["step"] == cfg.steps and loaded.card["eval_win_rate"] == s["final_eval_win_rate"]
     assert loaded.policy.recurrent == recurrent
+    training = loaded.card["training"]  # how it was learned, for whoever serves it later
+    assert (training["envs"], training["lr"], training["seed"], training["sharing"], training["critic"],
+            training["steps"], training["world_size"]) == (16, cfg.lr, cfg.seed, sharing, critic, cfg.steps, 1)
+    assert not {"models", "name", "log_dir", "metrics_port"} & set(training)
     # parameters moved from the very init the run started from, and the value normaliser saw the returns
     assert torch.equal(Policy.from_config(loaded.card["architecture"]).slot_group, before.slot_group)
     for name in ("actor_in.weight", "actor_head.weight", "critic_head.weight"):

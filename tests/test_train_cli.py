@@ -42,6 +42,7 @@ def test_train_then_eval_end_to_end(tmp_path):
     assert repo.versions("e2e") == [1, 2]
     card = repo.load("e2e").card
     assert card["step"] == 1024 and card["eval_win_rate"] == summary["final_eval_win_rate"]
+    assert (card["training"]["steps"], card["training"]["eval_every"], card["training"]["scenario"]) == (1024, 512, "3m")
     rows = list(csv.DictReader(open(summary["csv"])))
     assert [int(r["steps"]) for r in rows] == [512, 1024]
     assert {"minutes", "samples", "win_rate", "return", "pg_loss", "v_loss", "entropy", "approx_kl"} <= set(rows[0])

@@ -9,7 +9,7 @@ builds its --help from their defaults, and `phalanx health` (a container's probe
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 SHARING_MODES = ("shared", "per-type", "independent")
 CRITICS = ("central", "local")
@@ -276,3 +276,15 @@ class OfflineConfig:
             (self.device == "cpu" or self.device.startswith("cuda"), f"--device must be cpu or cuda[:N], got {self.device!r}"),
         ]
         _enforce(check, self.name)
+
+
+# Where a run wrote or reported things, and paths on the machine that trained: not how the model was learned.
+_NOT_SETTINGS = {"models", "name", "shards", "scenario_files", "resume", "log_dir", "progress", "metrics_port",
+                 "metrics_addr", "pushgateway", "threads"}
+
+
+def training_settings(cfg: TrainConfig | OfflineConfig) -> dict:
+    """The settings that decided how a version was learned (learning rate, games per rollout, entropy bonus,
+    seed, budget, ...), as plain JSON for its card: a served model says how it was trained, and benchmark runs
+    can be checked to differ only where they should."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _NOT_SETTINGS}

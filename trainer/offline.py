@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.config import OfflineConfig, TrainError
+from trainer.config import OfflineConfig, TrainError, training_settings
 from trainer.policy import Policy
 from trainer.ppo import TrainResult, _write_csv, evaluate, ppo_loss
 from trainer.repository import ModelRepository
@@ -232,7 +232,7 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
     version = repo.save(cfg.name, policy, scenario=sc, step=start_step + data.samples, eval_win_rate=ev["win_rate"],
                         extra={"eval_episodes": cfg.eval_episodes, "eval_seed": cfg.seed,
                                "eval_mean_return": ev["mean_return"], "resumed_from": resumed_from,
-                               "offline": offline})
+                               "offline": offline, "training": training_settings(cfg)})
     if metrics is not None:
         metrics.update_eval(win_rate=ev["win_rate"], mean_return=ev["mean_return"], version=version)
     elapsed = time.perf_counter() - t0

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.config import ARCHITECTURE_FIELDS, TrainConfig, TrainError
+from trainer.config import ARCHITECTURE_FIELDS, TrainConfig, TrainError, training_settings
 from trainer.policy import Policy
 from trainer.repository import ModelRepository
 from trainer.sim import BattleSim, load_scenario
@@ -479,7 +479,8 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
             version = repo.save(cfg.name, policy, scenario=sc, step=global_step, eval_win_rate=ev["win_rate"],
                                 extra={"eval_episodes": cfg.eval_episodes, "eval_seed": cfg.seed,
                                        "eval_mean_return": ev["mean_return"], "samples": samples,
-                                       "minutes": round(elapsed / 60, 3), "resumed_from": resumed_from})
+                                       "minutes": round(elapsed / 60, 3), "resumed_from": resumed_from,
+                                       "training": {**training_settings(cfg), "world_size": world}})
             row = {"steps": global_step, "minutes": round(elapsed / 60, 4), "samples": samples,
                    "win_rate": ev["win_rate"], "return": round(ev["mean_return"], 4),
                    "train_win_rate": None if train_win is None else round(train_win, 4),
