@@ -30,6 +30,13 @@ least 90% probability, or as near as the number of seeds allows, the probability
 since a handful of seeds leaves the median uncertain.
 --jobs runs that many trainings at once, one core each.
 
+`--from-logs` trains nothing and reports on runs already made, from their CSV logs: batches of seeds run apart
+together, or the same curves read at another --target or --window:
+
+    python bench/sharing.py --from-logs /tmp/phalanx-sharing-AAA,/tmp/phalanx-sharing-BBB --scenarios 2s3z \
+        --modes shared,independent --seeds 0,1,2,3,4,5 --target 0.8
+    python bench/sharing.py --from-logs shared=/tmp/phalanx-sharing-AAA,independent=/tmp/phalanx-sharing-CCC ...
+
 A mode may name which samples train the actor after a colon (TrainConfig.actor_rows): `shared:one-unit` trains
 the shared network on one random live unit per game step, `shared:game-subset` on every live unit of a random
 share of the game steps (as many samples). Both play the same games as `shared`; they probe where sharing's gain
@@ -40,6 +47,7 @@ comes from (more units per game step, or more game steps):
 
 import argparse
 import concurrent.futures
+import csv
 import dataclasses
 import json
 import math
@@ -174,6 +182,118 @@ def summarise(runs: dict, scenarios: list, modes: list, seeds: list) -> dict:
     return results
 
 
+# Settings that may differ between runs of one mode that are read together: each seed's own, and the budget
+# (a longer run of a constant schedule is the same curve, continued).
+_PER_RUN = {"seed", "steps", "minutes"}
+
+
+def load_runs(sources: list[str], scenarios: list[str], modes: list[str], seeds: list[int]) -> dict:
+    """Earlier runs of this benchmark, from their CSV logs: {(scenario, mode, seed): evaluations}.
+
+    Each source is a `models and CSV logs under DIR` directory that a run of this benchmark printed, or
+    MODE=DIR to read only that mode's runs there (when DIR also holds that mode at settings not wanted). The same
+    run may lie in several (a batch repeated with a longer budget): the longer is kept, after checking that the
+    shorter is the start of it, so runs of other settings under the same name are refused, not mixed. Where the
+    cards record the settings (`training`), every seed of one mode must have been trained alike."""
+    dirs_of: dict = {mode: [] for mode in modes}
+    for source in sources:
+        mode, eq, d = source.rpartition("=")
+        if eq and mode not in dirs_of:
+            raise SystemExit(f"--from-logs {source}: {mode!r} is not one of --modes ({','.join(modes)})")
+        if not os.path.isdir(d):
+            raise SystemExit(f"--from-logs {source}: {d} is not a directory")
+        for m in ([mode] if eq else modes):
+            dirs_of[m].append(d)
+    histories: dict = {}
+    found_in: dict = {}
+    settings: dict = {}
+    for sc in scenarios:
+        for mode in modes:
+            for seed in seeds:
+                name = f"{sc}-{mode.replace(':', '-')}-{seed}"
+                for d in dirs_of[mode]:
+                    csv_path = os.path.join(d, name, "logs", f"{name}-{sc}.csv")
+                    if not os.path.isfile(csv_path):
+                        continue
+                    with open(csv_path, newline="") as f:
+                        history = [{"steps": int(r["steps"]), "samples": int(r["samples"]),
+                                    "minutes": float(r["minutes"]), "win_rate": float(r["win_rate"])}
+                                   for r in csv.DictReader(f)]
+                    if not history:
+                        continue
+                    key = (sc, mode, seed)
+                    if key in histories:
+                        short, long_ = sorted((histories[key], history), key=len)
+                        same = [(h["steps"], h["win_rate"]) for h in short] == [
+                            (h["steps"], h["win_rate"]) for h in long_[:len(short)]]
+                        if not same:
+                            raise SystemExit(f"{name}: the runs in {found_in[key]} and {d} differ (other settings "
+                                             f"under one name?); pass one of them")
+                        if len(history) <= len(histories[key]):
+                            continue
+                    histories[key], found_in[key] = history, d
+                    settings[key] = _recorded_settings(os.path.join(d, name))
+                if (sc, mode, seed) not in histories:
+                    raise SystemExit(f"no run {name} (its logs/{name}-{sc}.csv) in "
+                                     f"{', '.join(dirs_of[mode]) or 'no directory given for ' + mode}")
+    for sc in scenarios:
+        for mode in modes:
+            recorded = {seed: settings[sc, mode, seed] for seed in seeds if settings[sc, mode, seed] is not None}
+            if len(recorded) < len(seeds):
+                print(f"{sc} {mode}: {len(seeds) - len(recorded)} of {len(seeds)} runs do not record their "
+                      f"settings (trained before the cards kept them): not checked", flush=True)
+            distinct = {json.dumps({k: v for k, v in r.items() if k not in _PER_RUN}, sort_keys=True)
+                        for r in recorded.values()}
+            if len(distinct) > 1:
+                first, *rest = recorded.items()
+                for seed, r in rest:
+                    diff = sorted(k for k in set(r) | set(first[1])
+                                  if k not in _PER_RUN and r.get(k) != first[1].get(k))
+                    if diff:
+                        raise SystemExit(f"{sc} {mode}: seed {seed} was trained with other settings than seed "
+                                         f"{first[0]} ({', '.join(diff)}); these runs do not belong together")
+    return histories
+
+
+def _recorded_settings(run_dir: str) -> dict | None:
+    """The `training` settings on the card of a run's last version, or None (an older card, or no card)."""
+    versions = [int(v) for v in os.listdir(run_dir) if v.isdigit()]
+    if not versions:
+        return None
+    try:
+        with open(os.path.join(run_dir, str(max(versions)), "card.json")) as f:
+            return json.load(f).get("training")
+    except (OSError, ValueError):
+        return None
+
+
+def train_runs(args, overrides: dict, scenarios: list, modes: list, seeds: list) -> tuple[dict, dict]:
+    """Train every (scenario, mode, seed), --jobs at a time: ({key: evaluations}, {mode: its step budget})."""
+    per_mode = mode_overrides(overrides, modes)
+    models = tempfile.mkdtemp(prefix="phalanx-sharing-")
+    keys = [(sc, mode, seed) for sc in scenarios for seed in seeds for mode in modes]
+    configs = {(sc, mode, seed): TrainConfig(
+        models=models, name=f"{sc}-{mode.replace(':', '-')}-{seed}", scenario=sc, **mode_fields(mode),
+        **{"steps": args.steps, "eval_every": args.eval_every, "eval_episodes": args.eval_episodes, "seed": seed,
+           "progress": False, **per_mode[mode]})
+        for sc, mode, seed in keys}
+    print(f"{len(keys)} runs, {args.jobs} at a time; models and CSV logs under {models}", flush=True)
+    histories: dict = {}
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_one, configs[k]): k for k in keys}
+        for fut in concurrent.futures.as_completed(futures):
+            sc, mode, seed = key = futures[fut]
+            out = fut.result()
+            histories[key] = history = out["history"]
+            first, sustained = (first_hit(history, args.target, w) for w in (1, args.window))
+            print(f"{sc:>6} {mode:>18} seed {seed}: target {args.target} first at "
+                  f"{first and first['samples']} samples / {first and first['minutes']} min, sustained "
+                  f"({args.window} evaluations) at {sustained and sustained['samples']} samples; final "
+                  f"{out['summary']['final_eval_win_rate']:.3f}, best {out['summary']['best_eval_win_rate']:.3f}",
+                  flush=True)
+    return histories, {mode: configs[scenarios[0], mode, seeds[0]].steps for mode in modes}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenarios", default="8m,2s3z")
@@ -189,41 +309,30 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; every mode runs once per seed")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, in worker processes (one core each)")
     ap.add_argument("--out", default="sharing.png", help="PNG with every curve")
+    ap.add_argument("--from-logs", metavar="[MODE=]DIR,...",
+                    help="train nothing: report on the runs of earlier invocations (the directories they printed; "
+                         "MODE=DIR reads only that mode's runs there) at this --target and --window; batches of "
+                         "seeds combine")
     ap.add_argument("--set", action="append", default=[], metavar="[MODE.]FIELD=VALUE",
                     help="override a TrainConfig field for every mode (--set envs=64) or for one mode "
                          "(--set independent.lr=2.5e-4); repeatable")
     args = ap.parse_args()
     overrides = parse_overrides(args.set)
-    models = tempfile.mkdtemp(prefix="phalanx-sharing-")
     scenarios = [s for s in args.scenarios.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    per_mode = mode_overrides(overrides, modes)
-    keys = [(sc, mode, seed) for sc in scenarios for seed in seeds for mode in modes]
-    configs = {(sc, mode, seed): TrainConfig(
-        models=models, name=f"{sc}-{mode.replace(':', '-')}-{seed}", scenario=sc, **mode_fields(mode),
-        **{"steps": args.steps, "eval_every": args.eval_every, "eval_episodes": args.eval_episodes, "seed": seed,
-           "progress": False, **per_mode[mode]})
-        for sc, mode, seed in keys}
-    print(f"{len(keys)} runs, {args.jobs} at a time; models and CSV logs under {models}", flush=True)
+    if args.from_logs:
+        if overrides:
+            raise SystemExit("--from-logs reads finished runs: --set has nothing to change there")
+        histories = load_runs([x for x in args.from_logs.split(",") if x], scenarios, modes, seeds)
+        steps = {mode: max(histories[sc, mode, s][-1]["steps"] for sc in scenarios for s in seeds) for mode in modes}
+    else:
+        histories, steps = train_runs(args, overrides, scenarios, modes, seeds)
 
     measures = {"first": 1, "sustained": args.window}
-    runs: dict = {m: {} for m in measures}  # measure -> (scenario, mode, seed) -> to_target(...)
-    histories: dict = {}  # (scenario, mode, seed) -> the run's evaluations
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_one, configs[k]): k for k in keys}
-        for fut in concurrent.futures.as_completed(futures):
-            sc, mode, seed = key = futures[fut]
-            out = fut.result()
-            for m, window in measures.items():
-                runs[m][key] = to_target(out["history"], out["summary"], args.target, window)
-            histories[key] = out["history"]
-            first, sustained = runs["first"][key], runs["sustained"][key]
-            print(f"{sc:>6} {mode:>18} seed {seed}: target {args.target} first at {first['samples_to_target']} "
-                  f"samples / {first['minutes_to_target']} min, sustained ({args.window} evaluations) at "
-                  f"{sustained['samples_to_target']} samples; final {out['summary']['final_eval_win_rate']:.3f}, "
-                  f"best {out['summary']['best_eval_win_rate']:.3f}", flush=True)
-
+    # measure -> (scenario, mode, seed) -> samples to the target, and the run's budget (its last evaluation)
+    runs = {m: {k: to_target(h, {"samples": h[-1]["samples"]}, args.target, window) for k, h in histories.items()}
+            for m, window in measures.items()}
     results = {m: summarise(runs[m], scenarios, modes, seeds) for m in measures}
     # The whole curve at once, where samples-to-target reads one crossing of a noisy line; over the steps every
     # run had (a mode given a longer budget is cut where the shortest run ended).
@@ -271,9 +380,9 @@ def main() -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.savefig(args.out, dpi=100)
-    steps = {mode: configs[scenarios[0], mode, seeds[0]].steps for mode in modes}
     print(json.dumps({"bench": "sharing", "steps": steps, "target": args.target, "window": args.window,
-                      "eval_every": args.eval_every, "seeds": seeds, "overrides": overrides, "plot": args.out,
+                      "eval_every": None if args.from_logs else args.eval_every, "from_logs": args.from_logs,
+                      "seeds": seeds, "overrides": overrides, "plot": args.out,
                       "results": results}))
 
 

@@ -89,3 +89,52 @@ def test_a_seed_where_shared_missed_counts_at_most_1_whatever_independents_budge
             ("2s3z", "independent", 1): {"samples_to_target": 600, "samples": 2500}}
     out = sharing.summarise(runs, ["2s3z"], ["shared", "independent"], [0, 1])["2s3z"]
     assert out["independent_over_shared_per_seed"] == [1.0, 0.6]
+
+
+def _logged_run(root, name, scenario, curve, training=None):
+    """A run directory as `phalanx train` leaves it: the CSV of its evaluations, and a card per version."""
+    import csv
+    import json
+
+    logs = root / name / "logs"
+    logs.mkdir(parents=True)
+    with open(logs / f"{name}-{scenario}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["steps", "minutes", "samples", "win_rate", "lr"])
+        w.writeheader()
+        for i, rate in enumerate(curve, 1):
+            w.writerow({"steps": 100 * i, "minutes": 0.1 * i, "samples": 500 * i, "win_rate": rate, "lr": 5e-4})
+    (root / name / str(len(curve))).mkdir()
+    card = {"name": name, **({"training": training} if training is not None else {})}
+    (root / name / str(len(curve)) / "card.json").write_text(json.dumps(card))
+
+
+def test_from_logs_combines_batches_and_keeps_the_longer_of_a_repeated_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _logged_run(a, "8m-shared-0", "8m", [0.2, 0.95])
+    _logged_run(a, "8m-independent-0", "8m", [0.1, 0.5])
+    _logged_run(b, "8m-independent-0", "8m", [0.1, 0.5, 0.7, 0.92])  # the same run, longer
+    _logged_run(b, "8m-shared-1", "8m", [0.93])
+    _logged_run(b, "8m-independent-1", "8m", [0.4, 0.6])
+    runs = sharing.load_runs([str(a), str(b)], ["8m"], ["shared", "independent"], [0, 1])
+    assert [h["win_rate"] for h in runs["8m", "independent", 0]] == [0.1, 0.5, 0.7, 0.92]
+    assert runs["8m", "shared", 1] == [{"steps": 100, "samples": 500, "minutes": 0.1, "win_rate": 0.93}]
+    # MODE=DIR: only that mode's runs are read there
+    with pytest.raises(SystemExit, match="no run 8m-independent-1"):
+        sharing.load_runs([str(a), f"shared={b}"], ["8m"], ["shared", "independent"], [0, 1])
+
+
+def test_from_logs_refuses_runs_that_do_not_belong_together(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _logged_run(a, "8m-shared-0", "8m", [0.2, 0.95])
+    _logged_run(b, "8m-shared-0", "8m", [0.3, 0.95, 0.97])  # same name, another curve: other settings
+    with pytest.raises(SystemExit, match="differ"):
+        sharing.load_runs([str(a), str(b)], ["8m"], ["shared"], [0])
+    c = tmp_path / "c"
+    _logged_run(c, "8m-shared-0", "8m", [0.2], training={"lr": 5e-4, "envs": 64, "seed": 0, "steps": 100})
+    _logged_run(c, "8m-shared-1", "8m", [0.2], training={"lr": 5e-4, "envs": 64, "seed": 1, "steps": 900})
+    assert len(sharing.load_runs([str(c)], ["8m"], ["shared"], [0, 1])) == 2  # seed and budget may differ
+    _logged_run(c, "8m-shared-2", "8m", [0.2], training={"lr": 1e-3, "envs": 64, "seed": 2, "steps": 100})
+    with pytest.raises(SystemExit, match=r"seed 2 was trained with other settings .*\(lr\)"):
+        sharing.load_runs([str(c)], ["8m"], ["shared"], [0, 1, 2])
+    with pytest.raises(SystemExit, match="not one of --modes"):
+        sharing.load_runs([f"per-type={c}"], ["8m"], ["shared"], [0])
