@@ -192,3 +192,22 @@ def test_local_critic_returns_run_through_a_units_death():
     assert local.shape == (4, 1, 2)
     assert torch.allclose(local[:, :, 0], central) and torch.allclose(local[:, :, 1], central)
     assert local[0, 0, 0].item() == pytest.approx((gamma * lam) ** 3)
+
+
+def test_a_rollout_with_one_live_unit_trains_and_saves_finite_weights(tmp_path):
+    """One game, one step per rollout: once a 3m game is down to its last marine the batch holds one live sample,
+    whose advantage has no spread to normalise by (it used to become NaN and be saved)."""
+    cfg = tiny_cfg(tmp_path, envs=1, rollout=1, epochs=1, minibatches=1, steps=300, eval_every=100, eval_episodes=2)
+    train(cfg)
+    repo = ModelRepository(cfg.models)
+    assert repo.versions("m") == [1, 2, 3]
+    for v in repo.versions("m"):
+        repo.load("m", v)  # refuses non-finite weights
+
+
+def test_a_diverging_run_stops_without_saving_a_broken_version(tmp_path):
+    with pytest.raises(TrainError, match="diverged at step .*no longer finite.*version 1 is the last good one"):
+        cfg = tiny_cfg(tmp_path, steps=32 * 8 * 3, eval_every=32 * 8)
+        train(cfg)  # three good versions, then resume with a learning rate that blows the weights up
+        train(tiny_cfg(tmp_path, resume="1", lr=1e30, steps=32 * 8 * 3, eval_every=32 * 8))
+    assert ModelRepository(cfg.models).versions("m") == [1, 2, 3]

@@ -401,7 +401,8 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
             b_returns_n = policy.value_norm.normalize(returns)
             unit_adv = advantages[:, :, None].expand(T, E, A) if central else advantages
             live_adv = unit_adv[b_alive]
-            unit_adv = (unit_adv - live_adv.mean()) / (live_adv.std() + 1e-8)  # normalised over live samples
+            if live_adv.numel() > 1:  # normalised over live samples (one sample has no spread to divide by)
+                unit_adv = (unit_adv - live_adv.mean()) / (live_adv.std() + 1e-8)
 
         # --- 3. update: K epochs of M minibatches over the pooled live-unit samples -----------------------
         M = cfg.minibatches
@@ -449,6 +450,12 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
                     stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
         n_updates = cfg.epochs * M
         iter_stats = {k: v / n_updates for k, v in stat_sums.items()}
+        if not all(bool(torch.isfinite(t).all()) for t in policy.state_dict().values() if t.is_floating_point()):
+            # stop before a broken network becomes a version (the repository would refuse to load it anyway)
+            raise TrainError(f"training diverged at step {global_step + steps_per_iter:,}: the network's weights "
+                             f"are no longer finite (losses {iter_stats}); nothing was saved from this update on"
+                             + (f", version {version} is the last good one" if version else "")
+                             + "; a lower --lr or --max-grad-norm may help")
         global_step += steps_per_iter
         samples += int(b_alive.sum()) * world
 
