@@ -83,6 +83,15 @@ def test_bad_input_exits_2_with_a_message(capsys, tmp_path, monkeypatch, argv, m
     assert message in capsys.readouterr().err
 
 
+def test_an_unusable_models_directory_is_refused_before_training(capsys, tmp_path):
+    (tmp_path / "afile").write_text("")  # --models names a file: no version could ever be written there
+    argv = ["train", "--scenario", "3m", "--models", str(tmp_path / "afile"), "--name", "x", "--steps", "200000",
+            "--eval-every", "1000000", "--log-dir", str(tmp_path / "logs"), *TINY]
+    assert main(argv) == 2
+    assert "cannot write model versions under" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()  # refused before anything ran
+
+
 def test_eval_refuses_other_specs_and_corrupt_models(capsys, tmp_path):
     models = str(tmp_path / "m")
     assert main(["train", "--scenario", "3m", "--models", models, "--name", "a", "--steps", "256",

@@ -43,7 +43,7 @@ from torch import nn
 
 from trainer.config import OfflineConfig, TrainError, training_settings
 from trainer.policy import Policy
-from trainer.ppo import TrainResult, _write_csv, evaluate, ppo_loss
+from trainer.ppo import TrainResult, _save, _write_csv, evaluate, ppo_loss, weights_finite
 from trainer.repository import ModelRepository
 from trainer.shards import read_shards
 from trainer.sim import load_scenario
@@ -166,7 +166,11 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
     samples = torch.nonzero(data_d["sample"]).squeeze(1)
     n = samples.shape[0]
     log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(cfg.models) / cfg.name / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        repo.prepare(cfg.name)
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(str(e)) from None
     csv_path = log_dir / f"{cfg.name}-{sc.name}-offline.csv"
     history: list[dict] = []
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
@@ -225,11 +229,14 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
                   f"behaviour {row['mean_ratio_to_behaviour']:.3f}", file=sys.stderr, flush=True)
 
     # --- 4. save: greedy evaluation on the simulator, then a new version ---------------------------------------
+    if not weights_finite(policy):
+        raise TrainError("offline training diverged: the network's weights are no longer finite; nothing was "
+                         "saved (a lower --lr or --max-grad-norm may help)")
     ev = evaluate(policy, sc, cfg.eval_episodes, cfg.seed, device=dev)
     behaviour_versions = sorted({int(v) for v in data.model_version.unique().tolist()})
     offline = {"shards": len(data.files), "rows": data.rows, "samples": data.samples,
                "trajectories": data.trajectories, "iterations": cfg.iterations, "behaviour_versions": behaviour_versions}
-    version = repo.save(cfg.name, policy, scenario=sc, step=start_step + data.samples, eval_win_rate=ev["win_rate"],
+    version = _save(repo, cfg.name, policy, scenario=sc, step=start_step + data.samples, eval_win_rate=ev["win_rate"],
                         extra={"eval_episodes": cfg.eval_episodes, "eval_seed": cfg.seed,
                                "eval_mean_return": ev["mean_return"], "resumed_from": resumed_from,
                                "offline": offline, "training": training_settings(cfg)})

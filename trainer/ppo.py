@@ -320,7 +320,11 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
     history: list[dict] = []
     bar = None
     if rank == 0:
-        log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            repo.prepare(cfg.name)
+            log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainError(str(e)) from None
         if cfg.progress:
             from tqdm import tqdm
             bar = tqdm(total=budget_steps, unit="step", unit_scale=True, dynamic_ncols=True, file=sys.stderr,
@@ -450,7 +454,7 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
                     stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
         n_updates = cfg.epochs * M
         iter_stats = {k: v / n_updates for k, v in stat_sums.items()}
-        if not all(bool(torch.isfinite(t).all()) for t in policy.state_dict().values() if t.is_floating_point()):
+        if not weights_finite(policy):
             # stop before a broken network becomes a version (the repository would refuse to load it anyway)
             raise TrainError(f"training diverged at step {global_step + steps_per_iter:,}: the network's weights "
                              f"are no longer finite (losses {iter_stats}); nothing was saved from this update on"
@@ -483,7 +487,7 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
             ev = evaluate(policy, sc, cfg.eval_episodes, cfg.seed, device=dev)
             last_eval, last_eval_step, last_eval_time = ev["win_rate"], global_step, time.perf_counter()
             best_win = ev["win_rate"] if best_win is None else max(best_win, ev["win_rate"])
-            version = repo.save(cfg.name, policy, scenario=sc, step=global_step, eval_win_rate=ev["win_rate"],
+            version = _save(repo, cfg.name, policy, scenario=sc, step=global_step, eval_win_rate=ev["win_rate"],
                                 extra={"eval_episodes": cfg.eval_episodes, "eval_seed": cfg.seed,
                                        "eval_mean_return": ev["mean_return"], "samples": samples,
                                        "minutes": round(elapsed / 60, 3), "resumed_from": resumed_from,
@@ -525,6 +529,18 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
                    "agent_steps_per_s": round((global_step - start_step) * A / max(elapsed, 1e-9), 1),
                    "csv": str(csv_path), "plot": str(log_dir / f"{cfg.name}-{cfg.scenario}.png")}
     return TrainResult(summary, policy, history)
+
+
+def weights_finite(policy: Policy) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in policy.state_dict().values() if t.is_floating_point())
+
+
+def _save(repo: ModelRepository, name: str, policy: Policy, **kw) -> int:
+    """repo.save, with a full disk or a vanished directory reported as what it is rather than a traceback."""
+    try:
+        return repo.save(name, policy, **kw)
+    except OSError as e:
+        raise TrainError(f"could not save a version of {name!r} under {repo.root}: {e}") from None
 
 
 def _write_csv(path: Path, history: list[dict]) -> None:

@@ -86,6 +86,17 @@ class ModelRepository:
         return versions[-1] if versions else None
 
     # --- writing --------------------------------------------------------------------------------------
+    def prepare(self, name: str) -> Path:
+        """Create <root>/<name>/ and check that a version can be written there: a run calls this before it
+        spends its budget, so an unusable --models fails at once rather than at the first save."""
+        base = self.root / check_name(name)
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=base).close()
+        except OSError as e:
+            raise OSError(f"cannot write model versions under {base}: {e.strerror or e}") from None
+        return base
+
     def save(self, name: str, policy: Policy, *, scenario, step: int, eval_win_rate: float | None,
              extra: dict | None = None) -> int:
         """Write a new version (the next integer) atomically and return it."""
