@@ -147,6 +147,9 @@ def _corrupt(path, how, policy):
     elif how == "sharing-mismatch":
         card["sharing"] = "independent"
         card_path.write_text(json.dumps(card))
+    elif how == "huge-architecture":  # building it first would take the machine's memory, or minutes
+        card["architecture"]["hidden"] = 10_000_000
+        card_path.write_text(json.dumps(card))
     elif how == "pickle":
         torch.save(tensors, weights)  # a pickle file posing as weights must be refused, not unpickled
     else:
@@ -160,6 +163,7 @@ def _corrupt(path, how, policy):
     ("bad-json", "not valid JSON"), ("missing-key", "lacks required keys: spec"),
     ("spec-mismatch", "spec obs_size"), ("bad-architecture", "architecture is invalid"),
     ("sharing-mismatch", "card sharing"),
+    ("huge-architecture", r"actor_in.weight has shape \(1, \d+, 16\), the card's architecture needs"),
 ])
 def test_corrupt_models_raise_model_load_error(repo, sc, how, message):
     policy = make(sc)

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -169,7 +169,7 @@ class ModelRepository:
     def load(self, name: str, version: int | None = None, device: str | torch.device = "cpu") -> LoadedModel:
         """Load and validate a version (default: the newest complete one). Raises ModelLoadError."""
         card, version, path = self.load_card(name, version)
-        policy = policy_from_card(card, path / CARD_FILE)
+        policy = policy_from_card(card, path / CARD_FILE, weights=path / WEIGHTS_FILE)
         load_weights(policy, path / WEIGHTS_FILE)
         return LoadedModel(policy.to(device).eval(), card, version, path)
 
@@ -234,22 +234,44 @@ def read_card(path: Path) -> dict:
     return card
 
 
-def policy_from_card(card: dict, where: Path | str = "card") -> Policy:
-    """Build the (untrained) policy the card describes, after checking the card agrees with itself."""
+def policy_from_card(card: dict, where: Path | str = "card", *, weights: Path | None = None) -> Policy:
+    """Build the (untrained) policy the card describes, after checking the card agrees with itself and, given
+    `weights`, that the weights file holds tensors of the shapes it needs. The checks run on a shapes-only copy
+    (torch's meta device), so a corrupt card asking for a huge network costs nothing before it is refused."""
     arch, spec = card["architecture"], card["spec"]
     try:
-        policy = Policy.from_config(arch)
+        with torch.device("meta"):
+            shapes_only = Policy.from_config(arch)
     except (TypeError, ValueError) as e:
         raise ModelLoadError(f"{where}: architecture is invalid: {e}") from None
     for key in ("obs_size", "state_size", "n_actions", "n_agents"):
-        if spec[key] != getattr(policy, key):
+        if spec[key] != getattr(shapes_only, key):
             raise ModelLoadError(f"{where}: spec {key} = {spec[key]!r} but the architecture has "
-                                 f"{getattr(policy, key)!r}")
+                                 f"{getattr(shapes_only, key)!r}")
     for key in ("sharing", "critic"):
-        if card[key] != getattr(policy, key):
+        if card[key] != getattr(shapes_only, key):
             raise ModelLoadError(f"{where}: card {key} = {card[key]!r} but the architecture has "
-                                 f"{getattr(policy, key)!r}")
-    return policy
+                                 f"{getattr(shapes_only, key)!r}")
+    if weights is not None:
+        stored = _stored_shapes(weights)
+        for key, want in shapes_only.state_dict().items():
+            if key in stored and stored[key] != tuple(want.shape):
+                raise ModelLoadError(f"{weights}: tensor {key} has shape {stored[key]}, the card's architecture "
+                                     f"needs {tuple(want.shape)}")
+    try:
+        return Policy.from_config(arch)
+    except (RuntimeError, MemoryError) as e:  # a network too large for this machine
+        raise ModelLoadError(f"{where}: cannot build the architecture: {e}") from None
+
+
+def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, without reading the data (missing or corrupt files are
+    load_weights' to report, with the full check)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError):  # load_weights names the problem
+        return {}
 
 
 def load_weights(policy: Policy, path: Path) -> None:
