@@ -21,7 +21,7 @@ from trainer.config import OfflineConfig, TrainError
 from trainer.offline import backward_plan, train_offline, vtrace
 from trainer.policy import Policy
 from trainer.repository import ModelRepository
-from trainer.shards import Chunk, chunk_table, read_shards, write_shard
+from trainer.shards import METADATA_KEY, Chunk, ShardError, chunk_table, read_shards, write_shard
 from trainer.sim import load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -214,3 +214,35 @@ def test_served_games_are_logged_then_learned_from_into_a_new_version(tmp_path):
     with open(summary["csv"]) as f:
         first = next(csv.DictReader(f))
     assert float(first["mean_ratio_to_behaviour"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_flipped_bit_inside_a_shard_page_is_refused(tmp_path):
+    """Truncation loses the footer and is refused anyway; damage inside a page used to pass when the values it
+    produced still looked legal (a unit id changed from 1 to 2), so pages carry checksums."""
+    import pyarrow.parquet as pq
+
+    path, _ = synthetic_shards(tmp_path / "shards", load_scenario("3m"), rows=4000)
+    meta = pq.ParquetFile(path).metadata
+    data = path.read_bytes()
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    for column in ("unit_id", "obs.list.element", "action"):
+        chunk = meta.row_group(0).column(names.index(column))
+        for at in (0.5, 0.9):  # inside the compressed page data, past the page header
+            start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+            offset = start + int(chunk.total_compressed_size * at)
+            bad = tmp_path / f"bad-{column}-{at}.parquet"
+            bad.write_bytes(data[:offset] + bytes([data[offset] ^ 0x10]) + data[offset + 1:])
+            with pytest.raises(ShardError, match=rf"{bad.name}: not a readable Parquet shard"):
+                read_shards(bad)
+
+
+def test_shard_metadata_of_the_wrong_type_is_refused(tmp_path):
+    import pyarrow.parquet as pq
+
+    path, _ = synthetic_shards(tmp_path / "shards", load_scenario("3m"))
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[METADATA_KEY])
+    odd = tmp_path / "odd.parquet"
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps({**meta, "run_id": ["a"]}).encode()}), odd)
+    with pytest.raises(ShardError, match=r"odd\.parquet: metadata run_id must be a string"):
+        read_shards(odd)

@@ -140,7 +140,8 @@ def write_shard(directory: str | os.PathLike, name: str, table: pa.Table) -> Pat
     try:
         with os.fdopen(fd, "wb") as f:
             make_public(tmp)
-            pq.write_table(table, f, compression="zstd")
+            # page checksums: a flipped bit inside a page is refused on reading, not learned from
+            pq.write_table(table, f, compression="zstd", write_page_checksum=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -222,6 +223,9 @@ def read_metadata(path: Path, arrow_schema: pa.Schema) -> dict:
         raise ShardError(f"{path}: shard metadata must be an object with keys {', '.join(METADATA_FIELDS)}")
     if meta["format"] != FORMAT_VERSION:
         raise ShardError(f"{path}: shard format {meta['format']!r} is not supported (expected {FORMAT_VERSION})")
+    for key in ("spec_name", "spec_hash", "run_id"):
+        if not isinstance(meta[key], str):
+            raise ShardError(f"{path}: metadata {key} must be a string, got {meta[key]!r}")
     for key in ("obs_size", "n_actions"):
         if not isinstance(meta[key], int) or meta[key] < 1:
             raise ShardError(f"{path}: metadata {key} must be a positive integer, got {meta[key]!r}")
@@ -237,7 +241,7 @@ def read_metadata(path: Path, arrow_schema: pa.Schema) -> dict:
 
 def _read_one(path: Path, spec_hash: str | None) -> tuple[dict, pa.Table]:
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as e:
         raise ShardError(f"{path}: not a readable Parquet shard (truncated or corrupt?): {e}") from None
     meta = read_metadata(path, table.schema)
