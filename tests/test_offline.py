@@ -4,6 +4,8 @@ served game to a new model version."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import dataclasses
 import json
 import math
 import signal
@@ -113,6 +115,10 @@ def test_offline_learner_prefers_the_action_the_log_rewarded(tmp_path):
     # the card says how the version was learned, and nothing about where the files were
     assert (card["training"]["iterations"], card["training"]["lr"], card["training"]["ent_coef"]) == (4, 3e-3, 0.0)
     assert not {"shards", "models", "name", "log_dir"} & set(card["training"])
+    # a second offline run adds its rows to the log instead of replacing the first run's
+    train_offline(dataclasses.replace(cfg, iterations=2, resume="latest"))
+    with open(tmp_path / "models" / "off" / "logs" / "off-3m-offline.csv", newline="") as f:
+        assert [int(r["iteration"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 1, 2]
 
 
 def test_offline_command_refuses_what_does_not_apply(tmp_path, capsys):

@@ -1,5 +1,7 @@
 """The PPO learner: GAE, the clipped loss, learning beats random play, every sharing mode and critic runs."""
 
+import csv
+
 import pytest
 import torch
 
@@ -128,6 +130,17 @@ def test_target_win_rate_stops_early_and_resume_continues(tmp_path):
     assert resumed["steps"] == first["steps"] + 32 * 8 * 2 and resumed["version"] == first["version"] + 1
     card = ModelRepository(cfg.models).load("m").card
     assert card["resumed_from"] == first["version"] and card["step"] == resumed["steps"]
+    # the log continues the curve rather than starting over: steps, samples and minutes run on
+    rows = list(csv.DictReader(open(resumed["csv"])))
+    assert [int(r["steps"]) for r in rows] == [h["steps"] for h in run.history] + [resumed["steps"]]
+    for key in ("samples", "minutes"):
+        values = [float(r[key]) for r in rows]
+        assert values == sorted(values) and values[-1] > values[-2], key
+    assert card["samples"] == int(rows[-1]["samples"])
+    # resuming an earlier version replaces what followed it
+    again = train(tiny_cfg(tmp_path, steps=32 * 8 * 2, eval_every=10 ** 9, resume="1")).summary
+    rows = list(csv.DictReader(open(again["csv"])))
+    assert [int(r["steps"]) for r in rows] == [run.history[0]["steps"], run.history[0]["steps"] + 32 * 8 * 2]
     with pytest.raises(TrainError, match="trained on spec"):
         train(tiny_cfg(tmp_path, scenario="8m", resume="1"))
 

@@ -73,6 +73,12 @@ def test_eval_baseline_needs_no_model(capsys):
     (["train", "--scenario", "3m", "--models", "M", "--name", "x", "--envs", "0"], "--envs must be >= 1"),
     (["train", "--scenario", "3m", "--models", "M", "--name", "x", "--target-win-rate", "2"], "--target-win-rate"),
     (["train", "--scenario", "3m", "--models", "M", "--name", "x", "--resume", "soon"], "--resume"),
+    (["train", "--scenario", "3m", "--models", "M", "--name", "x", "--iterations", "3"],
+     "--iterations applies to --from-shards"),
+    (["train", "--scenario", "3m", "--models", "M", "--name", "x", "--target-window", "3"],
+     "--target-window needs --target-win-rate"),
+    (["train", "--scenario", "3m", "--models", "M", "--name", "x", "--metrics-addr", "0.0.0.0"],
+     "--metrics-addr needs --metrics-port"),
     (["eval", "--scenario", "3m"], "give --models and --name"),
     (["eval", "--scenario", "3m", "--policy", "random", "--episodes", "0"], "--episodes must be >= 1"),
     (["eval", "--scenario", "nope", "--policy", "random"], "nope"),
@@ -219,3 +225,29 @@ def test_resume_takes_the_stored_architecture_and_refuses_flags_that_contradict_
     assert "no version 7" in capsys.readouterr().err
     with pytest.raises(TrainError, match="keeps its architecture"):  # the library checks too
         train(TrainConfig(models=str(tmp_path), name="x", scenario="3m", resume="latest", steps=64, progress=False))
+
+
+def test_resume_continues_with_the_stored_runs_settings_unless_told_otherwise(tmp_path, capsys):
+    """A resumed run learns as the stored one did (its scenario, learning rate, discount, bonus, games per
+    rollout); an explicit flag wins; the budget is the new run's own."""
+    from service.cli import build_parser
+    from trainer.commands import train_config_from_args
+
+    models = str(tmp_path / "m")
+    assert main(["train", "--scenario", "2s3z", "--models", models, "--name", "a", "--steps", "256", "--lr", "1e-4",
+                 "--gamma", "0.95", "--ent-coef", "0.03", "--ent-coef-final", "0.03", "--no-anneal-lr", "--seed", "7",
+                 *TINY]) == 0
+    capsys.readouterr()
+
+    def cfg(*extra):
+        return train_config_from_args(build_parser().parse_args(
+            ["train", "--models", models, "--name", "a", "--resume", "latest", *extra]))
+
+    resumed = cfg("--steps", "512")
+    assert (resumed.scenario, resumed.lr, resumed.gamma, resumed.ent_coef, resumed.ent_coef_final, resumed.anneal_lr,
+            resumed.seed, resumed.envs, resumed.epochs, resumed.eval_episodes) == (
+        "2s3z", 1e-4, 0.95, 0.03, 0.03, False, 7, 32, 2, 16)
+    assert resumed.steps == 512 and resumed.hidden == 16
+    told = cfg("--lr", "3e-4", "--anneal-lr", "--envs", "64")
+    assert (told.lr, told.anneal_lr, told.envs, told.gamma) == (3e-4, True, 64, 0.95)
+    assert (cfg().steps, cfg().minutes) == (None, None)  # no budget carried over: the default 10 minutes apply

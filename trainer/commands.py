@@ -62,48 +62,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="budget in environment steps")
     p.add_argument("--minutes", type=float, help="budget in wall-clock minutes (10 when no budget is given)")
     p.add_argument("--target-win-rate", type=float, help="stop when a greedy evaluation reaches this win rate")
-    p.add_argument("--target-window", type=int, default=d.target_window, metavar="K",
-                   help="stop when the mean of the last K evaluations reaches --target-win-rate (1: the first "
-                        "evaluation that does; more guards against a lucky checkpoint)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed (network init, evaluation games)")
+    p.add_argument("--target-window", type=int, metavar="K",
+                   help=f"with --target-win-rate: stop when the mean of the last K evaluations reaches it (default "
+                        f"{d.target_window}: the first evaluation that does; more guards against a lucky checkpoint)")
+    p.add_argument("--seed", type=int, help=f"seed (network init, games){_kept(d, 'seed')}")
     p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
-    p.add_argument("--no-anneal-lr", action="store_true", help="keep the learning rate constant")
-    p.add_argument("--gamma", type=float, default=d.gamma, help="discount")
+    p.add_argument("--lr", type=float, help=f"learning rate at the start{_kept(d, 'lr')}")
+    p.add_argument("--anneal-lr", action=argparse.BooleanOptionalAction,
+                   help=f"anneal the learning rate linearly to 0 over the budget{_kept(d, 'anneal_lr')}")
+    p.add_argument("--gamma", type=float, help=f"discount{_kept(d, 'gamma')}")
     p.add_argument("--gae-lambda", type=float, help=f"GAE lambda; default {d.gae_lambda}, "
                                                     f"{LOCAL_CRITIC_DEFAULTS['gae_lambda']} with --critic local")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per rollout")
-    p.add_argument("--minibatches", type=int, default=d.minibatches, help="minibatches per epoch")
-    p.add_argument("--clip-coef", type=float, default=d.clip_coef, help="PPO clip")
+    p.add_argument("--epochs", type=int, help=f"epochs per rollout{_kept(d, 'epochs')}")
+    p.add_argument("--minibatches", type=int, help=f"minibatches per epoch{_kept(d, 'minibatches')}")
+    p.add_argument("--clip-coef", type=float, help=f"PPO clip{_kept(d, 'clip_coef')}")
     p.add_argument("--ent-coef", type=float,
                    help=f"entropy bonus at the start (default {d.ent_coef}; --from-shards: a constant "
                         f"{OfflineConfig.ent_coef})")
     p.add_argument("--ent-coef-final", type=float,
                    help=f"entropy bonus at the end of the budget, reached linearly like the learning rate's anneal "
                         f"(default {d.ent_coef_final}; give --ent-coef's value for a constant bonus)")
-    p.add_argument("--vf-coef", type=float, default=d.vf_coef, help="value loss weight")
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient norm clip")
-    p.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="evaluate and save every N environment steps (0: about every 20 s)")
-    p.add_argument("--eval-episodes", type=int, default=d.eval_episodes, help="greedy evaluation games")
-    p.add_argument("--resume", help="continue from a version of --name: a number or 'latest'; the network keeps "
+    p.add_argument("--vf-coef", type=float, help=f"value loss weight{_kept(d, 'vf_coef')}")
+    p.add_argument("--max-grad-norm", type=float, help=f"gradient norm clip{_kept(d, 'max_grad_norm')}")
+    p.add_argument("--eval-every", type=int,
+                   help=f"evaluate and save every N environment steps, 0: about every 20 s{_kept(d, 'eval_every')}")
+    p.add_argument("--eval-episodes", type=int, help=f"greedy evaluation games{_kept(d, 'eval_episodes')}")
+    p.add_argument("--resume", help="continue from a version of --name: a number or 'latest'. The network keeps "
                                     "its architecture (--sharing, --critic, --hidden, --agent-id, --unit-type, "
-                                    "--recurrent come from it and may only repeat it)")
+                                    "--recurrent come from it and may only repeat it); --scenario and the learning "
+                                    "settings default to the stored run's; the budget is this run's own, and the "
+                                    "schedules (learning rate, entropy bonus) run again over it. The optimiser's "
+                                    "state is not stored: Adam starts afresh")
     p.add_argument("--log-dir", help="CSV and PNG directory (default <models>/<name>/logs)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free port)")
-    p.add_argument("--metrics-addr", default=d.metrics_addr, help="address for the metrics endpoint")
+    p.add_argument("--metrics-addr", help=f"with --metrics-port: the address to listen on (default "
+                                           f"{d.metrics_addr})")
     p.add_argument("--pushgateway", help="Prometheus Pushgateway URL, pushed at each evaluation and at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("offline training (learn from experience logged by `phalanx serve --experience-dir`)")
     g.add_argument("--from-shards", action="append", default=[], metavar="DIR",
                    help="learn from these shard directories or files instead of simulation (repeatable): PPO with "
                         "V-trace off-policy correction, then a greedy evaluation and a new version")
-    g.add_argument("--iterations", type=int, default=10,
-                   help="with --from-shards: V-trace target recomputations, each followed by --epochs x "
-                        "--minibatches updates")
-    g.add_argument("--rho-bar", type=float, default=1.0, help="with --from-shards: V-trace importance-weight clip")
-    g.add_argument("--c-bar", type=float, default=1.0, help="with --from-shards: V-trace trace-weight clip")
+    g.add_argument("--iterations", type=int,
+                   help=f"V-trace target recomputations, each followed by --epochs x --minibatches updates "
+                        f"(default {OfflineConfig.iterations})")
+    g.add_argument("--rho-bar", type=float, help=f"V-trace importance-weight clip (default {OfflineConfig.rho_bar})")
+    g.add_argument("--c-bar", type=float, help=f"V-trace trace-weight clip (default {OfflineConfig.c_bar})")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="win rate of a stored model (or a scripted baseline) over many games",
@@ -125,6 +130,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _kept(defaults, field: str) -> str:
+    """Help text for a learning setting: its default, and what --resume does with it."""
+    return f" (default {getattr(defaults, field)}; with --resume the stored run's)"
+
+
 def _fail(command: str, message: str) -> int:
     print(f"phalanx {command}: {message}", file=sys.stderr)
     return 2
@@ -132,49 +142,78 @@ def _fail(command: str, message: str) -> int:
 
 # --- train ----------------------------------------------------------------------------------------------------
 
-def architecture_from_args(args, defaults) -> dict:
-    """The network's switches (ARCHITECTURE_FIELDS). Flags parse as None when not given: a fresh network takes
-    `defaults`' values (a TrainConfig or OfflineConfig), a resumed one its stored version's; an explicit flag
-    that contradicts the stored version is refused (a trained network cannot change shape)."""
-    from trainer.config import ARCHITECTURE_FIELDS, TrainError
+def stored_card(args) -> dict | None:
+    """The card of the version --resume names, or None for a fresh run (or a malformed --resume, which the
+    config refuses with its own message)."""
+    from trainer.config import TrainError
     from trainer.repository import ModelLoadError, ModelRepository
 
-    fields = [k for k in ARCHITECTURE_FIELDS if hasattr(defaults, k)]
-    given = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
     if args.resume is None or not (args.resume == "latest" or args.resume.isdigit()):
-        return {k: given.get(k, getattr(defaults, k)) for k in fields}  # a bad --resume: the config refuses it
+        return None
     try:
-        card, version, _ = ModelRepository(args.models).load_card(
+        card, _, _ = ModelRepository(args.models).load_card(
             args.name, None if args.resume == "latest" else int(args.resume))
     except ModelLoadError as e:
         raise TrainError(f"--resume {args.resume}: {e}") from None
+    return card
+
+
+def architecture_from_args(args, defaults, card: dict | None) -> dict:
+    """The network's switches (ARCHITECTURE_FIELDS). Flags parse as None when not given: a fresh network takes
+    `defaults`' values (a TrainConfig or OfflineConfig), a resumed one (`card`) its stored version's; an explicit
+    flag that contradicts the stored version is refused (a trained network cannot change shape)."""
+    from trainer.config import ARCHITECTURE_FIELDS, TrainError
+
+    fields = [k for k in ARCHITECTURE_FIELDS if hasattr(defaults, k)]
+    given = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    if card is None:
+        return {k: given.get(k, getattr(defaults, k)) for k in fields}
     stored = {k: card["architecture"].get(k, getattr(defaults, k)) for k in fields}
     clash = [f"--{k.replace('_', '-')} {given[k]} (stored: {stored[k]})" for k in fields
              if k in given and given[k] != stored[k]]
     if clash:
-        raise TrainError(f"--resume: version {version} of {args.name!r} keeps its architecture; this run asks for "
-                         f"{', '.join(clash)}. Leave those flags out, or train a new --name")
+        raise TrainError(f"--resume: version {card['version']} of {args.name!r} keeps its architecture; this run "
+                         f"asks for {', '.join(clash)}. Leave those flags out, or train a new --name")
     return stored
 
 
-def train_config_from_args(args) -> "TrainConfig":
-    from trainer.config import LOCAL_CRITIC_DEFAULTS, TrainConfig
+# `phalanx train` flags that parse as None when not given, so that their value can come from elsewhere: the local
+# critic's defaults, or the stored run on --resume (RESUMED_SETTINGS).
+_OPTIONAL_FLAGS = ("scenario", "envs", "rollout", "seed", "lr", "anneal_lr", "gamma", "gae_lambda", "epochs",
+                   "minibatches", "clip_coef", "ent_coef", "ent_coef_final", "vf_coef", "max_grad_norm", "eval_every",
+                   "eval_episodes", "target_window", "metrics_addr")
+# What a resumed run takes from the stored one unless a flag says otherwise. Not its budget or stopping rule (this
+# run's own), nor the device and threads (this machine's).
+RESUMED_SETTINGS = ("scenario", "envs", "rollout", "seed", "lr", "anneal_lr", "gamma", "gae_lambda", "epochs",
+                    "minibatches", "clip_coef", "ent_coef", "ent_coef_final", "vf_coef", "max_grad_norm",
+                    "eval_every", "eval_episodes")
 
-    arch = architecture_from_args(args, TrainConfig)
-    # flags parsed as None when not given, so that their default can depend on the critic
-    defaults = {k: getattr(TrainConfig, k) for k in ("envs", "rollout", "gae_lambda", "ent_coef", "ent_coef_final")}
+
+def train_config_from_args(args) -> "TrainConfig":
+    from trainer.config import LOCAL_CRITIC_DEFAULTS, TrainConfig, TrainError
+
+    offline_only = [f for f, v in (("--iterations", args.iterations), ("--rho-bar", args.rho_bar),
+                                   ("--c-bar", args.c_bar)) if v is not None]
+    if offline_only:
+        raise TrainError(f"{', '.join(offline_only)} applies to --from-shards (offline) training only")
+    if args.target_window is not None and args.target_win_rate is None:
+        raise TrainError("--target-window needs --target-win-rate (the win rate its evaluations must reach)")
+    if args.metrics_addr is not None and args.metrics_port is None:
+        raise TrainError("--metrics-addr needs --metrics-port (nothing is served without it)")
+    card = stored_card(args)
+    arch = architecture_from_args(args, TrainConfig, card)
+    settings = {k: getattr(TrainConfig, k) for k in _OPTIONAL_FLAGS}
     if arch["critic"] == "local":
-        defaults.update(LOCAL_CRITIC_DEFAULTS)
-    chosen = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in defaults.items()}
+        settings.update(LOCAL_CRITIC_DEFAULTS)
+    if card is not None:
+        stored = card.get("training") or {}  # versions saved before cards kept their settings: scenario only
+        settings.update({k: stored[k] for k in RESUMED_SETTINGS if k in stored}, scenario=card["scenario"])
+    settings.update({k: getattr(args, k) for k in _OPTIONAL_FLAGS if getattr(args, k) is not None})
     return TrainConfig(
-        models=args.models, name=args.name, scenario=args.scenario or TrainConfig.scenario,
-        scenario_files=tuple(args.scenario_file), **arch, steps=args.steps,
-        minutes=args.minutes, target_win_rate=args.target_win_rate, target_window=args.target_window, seed=args.seed,
-        device=args.device, threads=args.threads, lr=args.lr, anneal_lr=not args.no_anneal_lr, gamma=args.gamma,
-        epochs=args.epochs, minibatches=args.minibatches, clip_coef=args.clip_coef,
-        vf_coef=args.vf_coef, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
-        eval_episodes=args.eval_episodes, resume=args.resume, log_dir=args.log_dir, metrics_port=args.metrics_port,
-        metrics_addr=args.metrics_addr, pushgateway=args.pushgateway, progress=not args.no_progress, **chosen)
+        models=args.models, name=args.name, scenario_files=tuple(args.scenario_file), **arch, steps=args.steps,
+        minutes=args.minutes, target_win_rate=args.target_win_rate, device=args.device, threads=args.threads,
+        resume=args.resume, log_dir=args.log_dir, metrics_port=args.metrics_port, pushgateway=args.pushgateway,
+        progress=not args.no_progress, **settings)
 
 
 def offline_config_from_args(args) -> "OfflineConfig":
@@ -184,21 +223,23 @@ def offline_config_from_args(args) -> "OfflineConfig":
         ("--critic central", args.critic == "central"), ("--recurrent", args.recurrent), ("--steps", args.steps),
         ("--envs", args.envs is not None), ("--rollout", args.rollout is not None),
         ("--minutes", args.minutes), ("--target-win-rate", args.target_win_rate),
-        ("--target-window", args.target_window != 1), ("--eval-every", args.eval_every),
-        ("--metrics-port", args.metrics_port), ("--ent-coef-final", args.ent_coef_final is not None)) if given]
+        ("--target-window", args.target_window), ("--eval-every", args.eval_every is not None),
+        ("--metrics-port", args.metrics_port), ("--metrics-addr", args.metrics_addr),
+        ("--ent-coef-final", args.ent_coef_final is not None)) if given]
     if online_only:
         raise TrainError(f"--from-shards learns from logged single unit-steps with a local critic and no "
                          f"environment; {', '.join(online_only)} applies to simulation training only")
+    given = {field: getattr(args, flag) for field, flag in (
+        ("iterations", "iterations"), ("epochs", "epochs"), ("minibatches", "minibatches"), ("lr", "lr"),
+        ("anneal_lr", "anneal_lr"), ("gamma", "gamma"), ("lam", "gae_lambda"), ("rho_bar", "rho_bar"),
+        ("c_bar", "c_bar"), ("clip_coef", "clip_coef"), ("ent_coef", "ent_coef"), ("vf_coef", "vf_coef"),
+        ("max_grad_norm", "max_grad_norm"), ("eval_episodes", "eval_episodes"), ("seed", "seed"))
+        if getattr(args, flag) is not None}
     return OfflineConfig(
         shards=tuple(args.from_shards), models=args.models, name=args.name, scenario=args.scenario,
-        scenario_files=tuple(args.scenario_file), **architecture_from_args(args, OfflineConfig), resume=args.resume,
-        iterations=args.iterations, epochs=args.epochs,
-        minibatches=args.minibatches, lr=args.lr, anneal_lr=not args.no_anneal_lr, gamma=args.gamma,
-        lam=OfflineConfig.lam if args.gae_lambda is None else args.gae_lambda, rho_bar=args.rho_bar,
-        c_bar=args.c_bar, clip_coef=args.clip_coef,
-        ent_coef=OfflineConfig.ent_coef if args.ent_coef is None else args.ent_coef, vf_coef=args.vf_coef,
-        max_grad_norm=args.max_grad_norm, eval_episodes=args.eval_episodes, seed=args.seed, device=args.device,
-        threads=args.threads, log_dir=args.log_dir, progress=not args.no_progress)
+        scenario_files=tuple(args.scenario_file), **architecture_from_args(args, OfflineConfig, stored_card(args)),
+        resume=args.resume, device=args.device, threads=args.threads, log_dir=args.log_dir,
+        progress=not args.no_progress, **given)
 
 
 def cmd_train_offline(args) -> int:

@@ -43,7 +43,7 @@ from torch import nn
 
 from trainer.config import OfflineConfig, TrainError, training_settings
 from trainer.policy import Policy
-from trainer.ppo import TrainResult, _save, _write_csv, evaluate, ppo_loss, weights_finite
+from trainer.ppo import TrainResult, _prior_rows, _save, _write_csv, evaluate, ppo_loss, weights_finite
 from trainer.repository import ModelRepository
 from trainer.shards import read_shards
 from trainer.sim import load_scenario
@@ -173,6 +173,8 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
         raise TrainError(str(e)) from None
     csv_path = log_dir / f"{cfg.name}-{sc.name}-offline.csv"
     history: list[dict] = []
+    prior = _prior_rows(csv_path)  # earlier offline runs of this name: the log grows, one block of rows a run
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
 
     # --- 3. iterate: score, V-trace, PPO updates, log ------------------------------------------------------------
@@ -212,13 +214,13 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
                 for k, v in stats.items():
                     stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
         ratio = log_ratio[samples].exp()
-        row = {"iteration": it + 1, "minutes": round((time.perf_counter() - t0) / 60, 4), "lr": lr,
+        row = {"run_started": started, "iteration": it + 1, "minutes": round((time.perf_counter() - t0) / 60, 4), "lr": lr,
                **{k: round(v / (cfg.epochs * M), 6) for k, v in stat_sums.items()},
                "mean_ratio_to_behaviour": round(float(ratio.mean()), 6),
                "rho_truncated_fraction": round(float((ratio > cfg.rho_bar).float().mean()), 6),
                "mean_value_target": round(float(vs[samples].mean()), 6)}
         history.append(row)
-        _write_csv(csv_path, history)
+        _write_csv(csv_path, prior + history)
         if metrics is not None:
             metrics.update_iteration(steps=start_step + data.samples, samples=(it + 1) * cfg.epochs * n,
                                      agent_steps_per_s=0.0, train_win_rate=None, train_return=None, lr=lr,

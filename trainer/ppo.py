@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import sys
 import time
@@ -317,7 +318,12 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
     # --- logging (rank 0) -------------------------------------------------------------------------------
     log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(cfg.models) / cfg.name / "logs"
     csv_path = log_dir / f"{cfg.name}-{cfg.scenario}.csv"
-    history: list[dict] = []
+    history: list[dict] = []  # this run's evaluations
+    # A resumed run continues the stored run's curve (its rows up to the version resumed from), in steps, samples
+    # and minutes, rather than starting the CSV over.
+    prior = _prior_rows(csv_path, up_to_step=start_step) if rank == 0 and resumed_from is not None else []
+    samples_before = int(loaded.card.get("samples") or 0) if resumed_from is not None else 0
+    minutes_before = float(prior[-1]["minutes"]) if prior else 0.0
     bar = None
     if rank == 0:
         try:
@@ -489,17 +495,18 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
             best_win = ev["win_rate"] if best_win is None else max(best_win, ev["win_rate"])
             version = _save(repo, cfg.name, policy, scenario=sc, step=global_step, eval_win_rate=ev["win_rate"],
                                 extra={"eval_episodes": cfg.eval_episodes, "eval_seed": cfg.seed,
-                                       "eval_mean_return": ev["mean_return"], "samples": samples,
-                                       "minutes": round(elapsed / 60, 3), "resumed_from": resumed_from,
+                                       "eval_mean_return": ev["mean_return"], "samples": samples_before + samples,
+                                       "minutes": round(minutes_before + elapsed / 60, 3), "resumed_from": resumed_from,
                                        "training": {**training_settings(cfg), "world_size": world}})
-            row = {"steps": global_step, "minutes": round(elapsed / 60, 4), "samples": samples,
+            row = {"steps": global_step, "minutes": round(minutes_before + elapsed / 60, 4),
+                   "samples": samples_before + samples,
                    "win_rate": ev["win_rate"], "return": round(ev["mean_return"], 4),
                    "train_win_rate": None if train_win is None else round(train_win, 4),
                    "train_return": None if train_ret is None else round(train_ret, 4),
                    **{k: round(v, 6) for k, v in iter_stats.items()}, "lr": lr, "ent_coef": ent_coef,
                    "agent_steps_per_s": round(agent_steps_per_s, 1), "version": version}
             history.append(row)
-            _write_csv(csv_path, history)
+            _write_csv(csv_path, prior + history)
             reached = target_held(history, cfg.target_win_rate, cfg.target_window)
             ep_wins, ep_returns, ep_count = 0.0, 0.0, 0
             if metrics is not None:
@@ -520,7 +527,7 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
         bar.close()
     summary = {}
     if rank == 0:
-        _plot(history, log_dir / f"{cfg.name}-{cfg.scenario}.png", title=f"{cfg.name} on {sc.name}")
+        _plot(prior + history, log_dir / f"{cfg.name}-{cfg.scenario}.png", title=f"{cfg.name} on {sc.name}")
         summary = {"scenario": sc.name, "name": cfg.name, "sharing": policy.sharing, "critic": policy.critic,
                    "steps": global_step, "samples": samples, "minutes": round(elapsed / 60, 3),
                    "final_eval_win_rate": last_eval, "best_eval_win_rate": best_win,
@@ -543,13 +550,31 @@ def _save(repo: ModelRepository, name: str, policy: Policy, **kw) -> int:
         raise TrainError(f"could not save a version of {name!r} under {repo.root}: {e}") from None
 
 
-def _write_csv(path: Path, history: list[dict]) -> None:
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for row in rows for k in row))  # every column, in order of appearance
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0].keys()))
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
-        writer.writerows(history)
+        writer.writerows(rows)
     os.replace(tmp, path)
+
+
+def _prior_rows(path: Path, up_to_step: int | None = None) -> list[dict]:
+    """The rows of an earlier run's CSV that this run continues (up_to_step: those at or before the version it
+    resumed from; later ones belong to the continuation it replaces). A file that cannot be read is moved
+    aside, never overwritten."""
+    if not path.is_file():
+        return []
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return [r for r in rows if up_to_step is None or int(r["steps"]) <= up_to_step]
+    except (OSError, ValueError, KeyError, TypeError, csv.Error) as e:
+        aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+        os.replace(path, aside)
+        logging.getLogger(__name__).warning("%s: cannot continue this log (%s); moved it to %s", path, e, aside)
+        return []
 
 
 def _plot(history: list[dict], path: Path, *, title: str) -> None:
@@ -560,10 +585,10 @@ def _plot(history: list[dict], path: Path, *, title: str) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
     for col, x_key, x_label in ((0, "steps", "environment steps"), (1, "minutes", "wall-clock minutes")):
-        xs = [r[x_key] for r in history]
-        axes[0, col].plot(xs, [r["win_rate"] for r in history], marker=".")
+        xs = [float(r[x_key]) for r in history]  # rows continued from a CSV hold strings
+        axes[0, col].plot(xs, [float(r["win_rate"]) for r in history], marker=".")
         axes[0, col].set(xlabel=x_label, ylabel="greedy win rate", ylim=(-0.02, 1.02))
-        axes[1, col].plot(xs, [r["return"] for r in history], marker=".", color="tab:orange")
+        axes[1, col].plot(xs, [float(r["return"]) for r in history], marker=".", color="tab:orange")
         axes[1, col].set(xlabel=x_label, ylabel="greedy mean return")
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
