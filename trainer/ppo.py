@@ -429,7 +429,9 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
                         old_log_prob=b_logprob.reshape(-1)[live], advantages=unit_adv.reshape(-1)[live])
             rows["active"] = torch.ones_like(rows["actions"], dtype=torch.bool)
             n_actor = rows["actions"].shape[0]
-        # the critic learns on every game step (central) or every unit's step, dead units' included (local)
+        # the critic learns on every game step (central) or every unit's step, dead units' included (local).
+        # Its clip anchor is the network's output while collecting, as in MAPPO's reference code: the clip bounds
+        # how far the output moves in one update, while the targets are in the statistics just updated.
         if central:
             crit = dict(critic_in=b_state.reshape(-1, S), returns=b_returns_n.reshape(-1),
                         old_values=b_values.reshape(-1))
