@@ -254,3 +254,23 @@ def test_cli_replay_writes_a_gif(tmp_path):
         assert im.n_frames == result["frames"] == result["episode_length"] + 1
     r = phalanx("replay", "--scenario", "3m", "--policy", "sneaky", "--out", str(out))
     assert r.returncode == 2 and "unknown policy 'sneaky'" in r.stderr
+
+
+def test_replay_plays_a_recurrent_model_as_eval_does(tmp_path):
+    """A recurrent actor carries its hidden state through the replayed episode, and --seed S replays the game
+    that eval plays with --seed S."""
+    import torch
+
+    from trainer.policy import Policy
+    from trainer.ppo import evaluate
+    from trainer.repository import ModelRepository
+    from trainer.sim.replay import record_episode
+
+    sc = load_scenario("3m")
+    torch.manual_seed(3)
+    policy = Policy.for_scenario(sc, hidden=16, recurrent=True, agent_id=True)
+    ModelRepository(tmp_path).save("r", policy, scenario=sc, step=0, eval_win_rate=None)
+    frames, result = record_episode("3m", "model", seed=5, models=str(tmp_path), name="r")
+    assert len(frames) == result["episode_length"] + 1
+    ev = evaluate(ModelRepository(tmp_path).load("r").policy, sc, 1, 5)
+    assert result["episode_return"] == pytest.approx(ev["mean_return"], abs=1e-3)

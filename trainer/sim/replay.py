@@ -38,12 +38,18 @@ def _model_actor(models: str | None, name: str | None, version: int | None, scen
     if mismatch:
         raise ReplayError(mismatch)
     policy = loaded.policy
+    h = None  # a recurrent actor's hidden state, carried through the one episode a replay records
 
     def act(sim: BattleSim, generator=None) -> torch.Tensor:
+        nonlocal h
         E, A = sim.n_envs, sim.n_agents
         unit = torch.arange(A).repeat(E)
-        greedy = torch.ones(E * A, dtype=torch.bool)
-        out = policy.act(sim.obs.reshape(E * A, -1), sim.avail.reshape(E * A, -1), unit, greedy)
+        obs, mask = sim.obs.reshape(E * A, -1), sim.avail.reshape(E * A, -1)
+        if policy.recurrent:
+            with torch.no_grad():
+                logits, h = policy.actor_step(obs, mask, unit, h)
+            return logits.argmax(1).reshape(E, A)
+        out = policy.act(obs, mask, unit, torch.ones(E * A, dtype=torch.bool))
         return out.action.reshape(E, A)
 
     return act
@@ -59,6 +65,7 @@ def record_episode(scenario_name: str, policy: str, seed: int = 0, files=(), mod
     else:
         raise ReplayError(f"unknown policy {policy!r}: use one of {', '.join(BASELINES)}, or 'model'")
     sim = BattleSim(scenario, 1, seed=seed, auto_reset=False)
+    sim.reset()  # as `phalanx eval` does: the replay of --seed S is the game eval plays with --seed S
     generator = torch.Generator().manual_seed(seed)
     frames = [_draw(sim, 0, 0.0)]
     episode_return = 0.0
