@@ -1,7 +1,7 @@
 # Phalanx inference service (and trainer) image, CPU build.
 #   docker build -t phalanx .
 #   docker run -p 50051:50051 -p 9100:9100 -v $PWD/models:/models phalanx \
-#       serve --models /models --name 3m --host 0.0.0.0 --port 50051 --metrics-port 9100
+#       serve --models /models --name 3m --host 0.0.0.0 --port 50051 --metrics-host 0.0.0.0 --metrics-port 9100
 # The model repository is a mounted volume; the service polls it and swaps in new versions live.
 FROM python:3.11-slim
 
@@ -26,4 +26,5 @@ ENV PHALANX_PORT=50051 PHALANX_HEALTH_ARGS=""
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s \
     CMD phalanx health --server "127.0.0.1:${PHALANX_PORT}" --timeout 3 ${PHALANX_HEALTH_ARGS} > /dev/null || exit 1
 ENTRYPOINT ["phalanx"]
-CMD ["serve", "--models", "/models", "--name", "default", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9100"]
+# Both listeners on every interface: inside a container 127.0.0.1 is reachable from nowhere else (-p maps to eth0).
+CMD ["serve", "--models", "/models", "--name", "default", "--host", "0.0.0.0", "--port", "50051", "--metrics-host", "0.0.0.0", "--metrics-port", "9100"]

@@ -186,7 +186,7 @@ class Batcher:
                 continue
             started = time.perf_counter()
             try:
-                out = await self._compute(batch)
+                out, usable = await self._compute(batch)
             except Exception as e:  # noqa: BLE001 - every waiting caller must hear about it
                 error = e if isinstance(e, RequestError) else RequestError(
                     grpc.StatusCode.INTERNAL, f"forward pass failed: {type(e).__name__}: {e}")
@@ -197,7 +197,7 @@ class Batcher:
                         req.future.set_exception(error)
                 continue
             self.metrics.compute_time.observe(time.perf_counter() - started)
-            self._answer(batch, out, started)
+            self._answer(batch, out, usable, started)
 
     def _take(self) -> list[_Request]:
         """Pop up to max_batch_size rows of live requests (at least one request), dropping expired ones."""
@@ -236,8 +236,9 @@ class Batcher:
             self._buffers[name] = buf
         return buf[:shape[0]]
 
-    async def _compute(self, batch: list[_Request]) -> Outputs:
-        """Stack the batch's rows into reused buffers (microseconds) and await the forward pass."""
+    async def _compute(self, batch: list[_Request]) -> tuple[Outputs, np.ndarray]:
+        """Stack the batch's rows into reused buffers (microseconds) and await the forward pass.
+        -> the outputs, and which rows' answers may be served (`_usable`)."""
         n = sum(req.rows.obs.shape[0] for req in batch)
         first = batch[0].rows
         obs = np.concatenate([r.rows.obs for r in batch], out=self._buffer("obs", (n,) + first.obs.shape[1:], np.float32))
@@ -247,17 +248,46 @@ class Batcher:
         out = await self.forward(obs, mask, unit, greedy)
         if out.action.shape[0] != obs.shape[0]:
             raise RuntimeError(f"forward returned {out.action.shape[0]} actions for {obs.shape[0]} rows")
-        return out
+        return out, _usable(out, mask)
 
-    def _answer(self, batch: list[_Request], out: Outputs, started: float) -> None:
-        """Give every caller its own slice of the outputs."""
+    def _answer(self, batch: list[_Request], out: Outputs, usable: np.ndarray, started: float) -> None:
+        """Give every caller its own slice of the outputs (or, if a row of it is unusable, its own error)."""
         queue_time = self.metrics.queue_time
+        every_row_usable = bool(usable.all())
         rows = 0
         for req in batch:
             k = req.rows.obs.shape[0]
             queue_time.observe(started - req.enqueued)
             if not req.future.done():
-                req.future.set_result(Outputs(out.version, out.action[rows:rows + k], out.log_prob[rows:rows + k],
-                                              out.prob[rows:rows + k], out.value[rows:rows + k]))
+                if every_row_usable or usable[rows:rows + k].all():
+                    req.future.set_result(Outputs(out.version, out.action[rows:rows + k],
+                                                  out.log_prob[rows:rows + k], out.prob[rows:rows + k],
+                                                  out.value[rows:rows + k]))
+                else:
+                    req.future.set_exception(_unusable_error(req.rows, out, usable, rows))
             rows += k
         self.metrics.batch_size.observe(rows)
+
+
+def _usable(out: Outputs, mask: np.ndarray) -> np.ndarray:
+    """(B,) bool: rows whose answer may be served: finite log-prob and value, and a legal action.
+
+    Validation cannot catch everything: a finite observation can still be large enough (every feature 3e38,
+    say) to overflow the network, which then answers NaN or, with every legal logit far below the mask's
+    fill value, an illegal action. Such a row fails its own request, never the batch."""
+    return (np.isfinite(out.log_prob) & np.isfinite(out.value)
+            & mask[np.arange(len(out.action)), out.action])
+
+
+def _unusable_error(rows: Rows, out: Outputs, usable: np.ndarray, first: int) -> RequestError:
+    """INVALID_ARGUMENT for the request whose rows start at `first` of the batch: its first unusable row."""
+    r = int(np.flatnonzero(~usable[first:first + rows.obs.shape[0]])[0])
+    i = first + r
+    magnitude = np.abs(rows.obs[r])
+    where = "observation" if rows.obs.shape[0] == 1 else f"observations: row {r}"
+    answer = (f"log-prob {out.log_prob[i]}, value {out.value[i]}" if rows.mask[r, out.action[i]]
+              else f"action {int(out.action[i])}, which its action mask forbids")
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{where}: the model gives no usable answer for it ({answer}): its values are too large "
+                        f"for the network (largest magnitude {magnitude.max():g}, at index {int(magnitude.argmax())}); "
+                        f"send features in the ranges of the scenario's observation spec")

@@ -295,8 +295,11 @@ class AsyncClient:
     async def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
         return await self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
 
-    def stream(self, *, timeout: float | None = None) -> "AsyncActStream":
-        return AsyncActStream(self.stub.ActStream(timeout=timeout, metadata=self.metadata))
+    def stream(self, *, timeout: float | None = None, answer_timeout: float | None = None) -> "AsyncActStream":
+        """Open one long-lived ActStream. `timeout`: deadline of the whole stream; `answer_timeout`: longest one
+        `recv()` waits for its answer (then the stream is cancelled: StreamError DEADLINE_EXCEEDED). None: no
+        limit (the defaults)."""
+        return AsyncActStream(self.stub.ActStream(timeout=timeout, metadata=self.metadata), answer_timeout)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -311,8 +314,9 @@ class AsyncClient:
 class AsyncActStream:
     """An asyncio ActStream: `await send(req)`, `await recv()`; answers come in request order."""
 
-    def __init__(self, call):
+    def __init__(self, call, answer_timeout: float | None = None):
         self.call = call
+        self.answer_timeout = answer_timeout
         self._next_id = 0
 
     async def send(self, request: pb.ActRequest) -> int:
@@ -323,7 +327,14 @@ class AsyncActStream:
         return request.request_id
 
     async def recv(self) -> pb.ActResponse:
-        resp = await self.call.read()
+        try:
+            async with asyncio.timeout(self.answer_timeout):
+                resp = await self.call.read()
+        except TimeoutError:
+            # A late answer would be taken for the next request's: the stream cannot go on.
+            self.call.cancel()
+            raise StreamError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {self.answer_timeout} s "
+                                                                 "(answer_timeout); the stream is cancelled") from None
         if resp is grpc.aio.EOF:
             raise StreamError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream (draining?): reopen one")
         if resp.HasField("error"):

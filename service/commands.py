@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=8192,
                    help="most unit rows waiting; beyond it requests get RESOURCE_EXHAUSTED (default 8192)")
     p.add_argument("--poll-seconds", type=float, default=5.0,
-                   help="how often to look for a new model version (default 5; 0 = never)")
+                   help="how often to look for a new model version (default 5; 0 = never: then a servable version "
+                        "must be there at start)")
     p.add_argument("--min-eval-win-rate", type=float, metavar="W",
                    help="serve only versions whose card records an evaluation win rate >= W (0..1): a training "
                         "run's weak checkpoints are skipped, never swapped in (default: any version)")
@@ -42,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="on SIGTERM/SIGINT, time for in-flight calls to finish (default 10)")
     p.add_argument("--max-message-mb", type=float, default=16.0,
                    help="largest request/response message in MiB (default 16)")
-    p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of the forward pass (default 1)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="intra-op threads of the forward pass (default 1; 0: torch's default)")
     p.add_argument("--forward-worker", choices=("process", "thread"), default="process",
                    help="where the forward pass runs, off the event loop: a child process with its own GIL "
                         "(default; the fast choice under load) or a worker thread in the server process")
@@ -57,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "written as truncated (default 50000)")
     p.add_argument("--experience-flush-seconds", type=float, default=60.0,
                    help="also write the open chunk this often (default 60; 0 = only when full)")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="DEBUG, INFO (default), WARNING, ERROR")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("health", help="is a running service serving? (grpc.health.v1; for container probes)",
@@ -87,7 +90,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-ca", type=Path, help="PEM CA certificate to verify the server (turns TLS on)")
     p.add_argument("--tls-server-name", help="expected name in the server's certificate (default: the host)")
     p.add_argument("--auth-token-file", type=Path, help="file with the bearer token")
-    p.add_argument("--timeout", type=float, default=10.0, help="deadline per call in seconds (default 10)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="deadline per call in seconds; with --rpc stream, the longest wait for each answer "
+                        "(default 10)")
     p.set_defaults(func=cmd_play)
 
 
@@ -114,7 +119,7 @@ def cmd_health(args) -> int:
 def cmd_serve(args) -> int:
     from service.server import ServeConfig, serve
 
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServeConfig(
         models=args.models, name=args.name, version=args.version, host=args.host, port=args.port,
@@ -149,12 +154,15 @@ def cmd_serve(args) -> int:
 
 
 def cmd_play(args) -> int:
-    from service.client import AsyncClient, read_token
+    from service.client import AsyncClient, StreamError, read_token
     from service.play import play_games
     from trainer.sim import ScenarioError, load_scenario
 
     if args.games < 1:
         print(f"phalanx play: --games must be >= 1, got {args.games}", file=sys.stderr)
+        return 2
+    if not args.timeout > 0:
+        print(f"phalanx play: --timeout must be > 0 seconds, got {args.timeout}", file=sys.stderr)
         return 2
     try:
         scenario = load_scenario(args.scenario, files=args.scenario_file)
@@ -180,6 +188,9 @@ def cmd_play(args) -> int:
         summary = asyncio.run(run())
     except grpc.RpcError as e:
         print(f"phalanx play: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except StreamError as e:  # one message of --rpc stream failed (RESOURCE_EXHAUSTED, no answer in time, ...)
+        print(f"phalanx play: {args.server}: {e.code.name}: {e.message}", file=sys.stderr)
         return 1
     print(json.dumps(summary), flush=True)
     return 0

@@ -18,7 +18,10 @@ strictly one request -> one reply at a time:
     FAIL   payload = UTF-8 message
 
 Versions are loaded ahead of the swap (the model holder calls `preload` while it prepares a version, off
-the request path) and every RUN names the version that must answer it; the child keeps the two newest.
+the request path) and every RUN names the version that must answer it. Both sides keep the two versions
+loaded or used most recently (the same rule applied to the same sequence of messages, so they agree on
+what the child holds): the one serving and the one about to replace it, whatever their numbers, since a
+rollback swaps in an older version.
 If the child dies, the batch in flight fails with UNAVAILABLE and the next batch starts a new child.
 """
 
@@ -39,12 +42,23 @@ import grpc
 import numpy as np
 
 from service.batcher import Outputs
+from service.model_holder import act_rows
 from service.validation import RequestError
 
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<4sQQQ")  # kind, two numbers (rows, version: unbounded integers), payload length
 KEEP_VERSIONS = 2  # the one serving and the one about to replace it
+
+
+def _keep_recent(models: dict, version: int, value) -> None:
+    """Mark `version` as the most recently loaded or used (dicts keep insertion order: oldest first) and
+    forget the least recently used beyond KEEP_VERSIONS. By recency, not number: a rollback to an old
+    version must not evict the very version it just loaded."""
+    models.pop(version, None)
+    models[version] = value
+    while len(models) > KEEP_VERSIONS:
+        del models[next(iter(models))]
 
 
 def _pack(kind: bytes, a: int = 0, b: int = 0, payload: bytes = b"") -> bytes:
@@ -71,8 +85,8 @@ class _Child:
     def __init__(self, threads: int, seed: int):
         import torch
 
-        torch.set_num_threads(threads)
-        self.torch = torch
+        if threads:  # 0: torch's default
+            torch.set_num_threads(threads)
         self.generator = torch.Generator().manual_seed(seed)
         self.models: dict[int, tuple] = {}
 
@@ -89,16 +103,14 @@ class _Child:
             graph = policy.serving_graph()
         except Exception:  # noqa: BLE001 - the eager graph gives the same answers, only slower
             graph = None
-        self.models[version] = (policy, graph)
-        for old in sorted(self.models)[:-KEEP_VERSIONS]:
-            del self.models[old]
+        _keep_recent(self.models, version, (policy, graph))
         return _pack(b"OKAY")
 
     def run(self, rows: int, version: int, payload: bytes) -> bytes:
-        torch = self.torch
         if version not in self.models:
             raise KeyError(f"version {version} is not loaded here (loaded: {sorted(self.models)})")
         policy, graph = self.models[version]
+        _keep_recent(self.models, version, (policy, graph))  # as the server marks it when it sends this RUN
         O, N = policy.obs_size, policy.n_actions
         expected = rows * (O * 4 + N + 8 + 1)
         if len(payload) != expected:
@@ -110,12 +122,9 @@ class _Child:
         at += rows * N
         unit = np.frombuffer(buf, np.int64, rows, at)
         greedy = np.frombuffer(buf, np.bool_, rows, at + rows * 8)
-        with torch.inference_mode():
-            out = policy.act(torch.from_numpy(obs), torch.from_numpy(mask), torch.from_numpy(unit),
-                             True if greedy.all() else torch.from_numpy(greedy), generator=self.generator,
-                             graph=graph, checked=True)
-        return _pack(b"OUT_", rows, version, out.action.numpy().astype("<i8").tobytes()
-                     + out.log_prob.numpy().astype("<f4").tobytes() + out.value.numpy().astype("<f4").tobytes())
+        action, log_prob, value = act_rows(policy, graph, obs, mask, unit, greedy, self.generator)
+        return _pack(b"OUT_", rows, version, action.astype("<i8").tobytes() + log_prob.astype("<f4").tobytes()
+                     + value.astype("<f4").tobytes())
 
 
 def child_main(fd: int, threads: int, seed: int) -> int:
@@ -224,9 +233,7 @@ class ProcessForward:
         if kind != b"OKAY":
             raise RuntimeError(f"the forward worker could not load version {model.version}: "
                                f"{payload.decode(errors='replace')}")
-        self._loaded[model.version] = model
-        for old in sorted(self._loaded)[:-KEEP_VERSIONS]:
-            del self._loaded[old]
+        _keep_recent(self._loaded, model.version, model)
 
     async def load(self, model) -> None:
         if self._closed:
@@ -272,7 +279,9 @@ class ProcessForward:
             try:
                 if self._dead():
                     await self._respawn()
-                if model.version not in self._loaded:  # a model that did not come through preload
+                if model.version in self._loaded:
+                    _keep_recent(self._loaded, model.version, model)  # as the child marks it on this RUN
+                else:  # a model that did not come through preload
                     await self._load(model)
                 kind, a, _, payload = await self._exchange(message)
             except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
@@ -323,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Phalanx's forward-pass worker. `phalanx serve` starts it with one end "
                                             "of a socket pair; it is not meant to be run by hand.")
     p.add_argument("--fd", type=int, required=True, help="file descriptor of the socket to the server")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
     args = p.parse_args(argv)
     return child_main(args.fd, args.threads, args.seed)

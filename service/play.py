@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 
 from service._gen.phalanx.v1 import inference_pb2 as pb
@@ -70,19 +71,26 @@ async def _ask_stream(stream, requests: list[pb.ActRequest], result: PlayResult)
     sent = {}
 
     async def write_all():
-        for req in requests:
-            await stream.send(req)
-            sent[req.request_id] = time.perf_counter()
+        try:
+            for req in requests:
+                await stream.send(req)
+                sent[req.request_id] = time.perf_counter()
+        except grpc.aio.AioRpcError:
+            pass  # the call has ended (a draining server, an error): the reads below say how, and stop
 
     writer = asyncio.create_task(write_all())
     actions = []
-    for req in requests:
-        resp = await stream.recv()
-        if resp.request_id != req.request_id:
-            raise RuntimeError(f"stream answered request {resp.request_id} where {req.request_id} was due")
-        result.latencies.append(time.perf_counter() - sent.get(req.request_id, t0))
-        result.versions.add(resp.model_version)
-        actions.append(resp.action)
+    try:
+        for req in requests:
+            resp = await stream.recv()
+            if resp.request_id != req.request_id:
+                raise RuntimeError(f"stream answered request {resp.request_id} where {req.request_id} was due")
+            result.latencies.append(time.perf_counter() - sent.get(req.request_id, t0))
+            result.versions.add(resp.model_version)
+            actions.append(resp.action)
+    finally:
+        if not writer.done():  # an answer failed: stop writing to a stream that is being abandoned
+            writer.cancel()
     await writer
     return actions
 
@@ -119,7 +127,8 @@ async def play_games(client: AsyncClient, scenario: Scenario, *, games: int, see
     waiting = np.zeros((games, A), dtype=bool)  # the unit's last served step still waits for its reward
     run = uuid.uuid4().hex[:8]
     game_ids = [f"play-{run}-{seed + g}" for g in range(games)]
-    stream = client.stream() if rpc == "stream" else None
+    # the client's per-call deadline bounds each answer's wait on the stream (a stream has no per-call deadline)
+    stream = client.stream(answer_timeout=client.timeout) if rpc == "stream" else None
     next_id = 0
 
     async def ask(g_idx: np.ndarray, a_idx: np.ndarray, obs: np.ndarray, avail: np.ndarray, *, episode_id: int,

@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import logging
 import signal
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,7 @@ class ServeConfig:
     stream_window: int = 1024
     """Most requests of one ActStream in flight at once (reading pauses beyond it)."""
     torch_threads: int = 1
-    """Intra-op threads of the forward pass (1 suits small policies: no thread hand-offs)."""
+    """Intra-op threads of the forward pass (1 suits small policies: no thread hand-offs; 0: torch's default)."""
     forward_worker: str = "process"
     """Where the forward pass runs, off the event loop: `process` (a child process with its own GIL: the
     fast choice under load) or `thread` (a worker thread in this process: no extra process)."""
@@ -101,6 +102,18 @@ def _deadline(context) -> float | None:
     """The call's deadline on the time.perf_counter() clock, or None."""
     remaining = context.time_remaining()
     return None if remaining is None else time.perf_counter() + remaining
+
+
+DEADLINE_SLACK = 0.05  # seconds; see _why_cancelled
+
+
+def _why_cancelled(context) -> grpc.StatusCode:
+    """Why gRPC cancelled a call's handler: DEADLINE_EXCEEDED when its deadline has passed, else CANCELLED (the
+    client went away). The client gives up at its own copy of the deadline, which runs ahead of the server's
+    (that one starts when the call arrives), so a cancellation within DEADLINE_SLACK of it is the deadline."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= DEADLINE_SLACK \
+        else grpc.StatusCode.CANCELLED
 
 
 def _tensor(array, dtype: int) -> pb.Tensor:
@@ -134,6 +147,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except RequestError as e:
             self.metrics.answered("Act", e.code, time.perf_counter() - start)
             await context.abort(e.code, e.message)
+        except asyncio.CancelledError:  # the deadline passed or the client went away: gRPC ended the call
+            self.metrics.answered("Act", _why_cancelled(context), time.perf_counter() - start)
+            raise
         self.metrics.answered("Act", OK, time.perf_counter() - start, 1)
         if self.experience is not None:
             self.experience.record_unit(request, rows, out)
@@ -161,8 +177,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._stream_readers.add(reader)
         if self.draining:
             reader.cancel()
+        current = None  # the entry being answered, until its answer is counted
+        gone = False  # gRPC ended the call: its deadline passed, or the client went away
         try:
             while (entry := await pending.get()) is not None:
+                current = entry
                 request, rows, start, item = entry
                 request_id = request.request_id
                 try:
@@ -170,22 +189,34 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         raise item
                     out = await item
                 except RequestError as e:
+                    current = None
                     self.metrics.answered("ActStream", e.code, time.perf_counter() - start)
                     yield pb.ActResponse(request_id=request_id, error=pb.Error(code=e.code.value[0], message=e.message))
                     continue
+                current = None
                 self.metrics.answered("ActStream", OK, time.perf_counter() - start, 1)
                 if self.experience is not None:
                     self.experience.record_unit(request, rows, out)
                 yield _unit_response(out, request_id)
             if not reader.cancelled():
                 await reader  # surfaces an error of the request stream itself
+        except (asyncio.CancelledError, GeneratorExit):  # cancelled at an await, or closed at a yield
+            gone = True
+            raise
         finally:
             self._stream_readers.discard(reader)
             reader.cancel()
-            while not pending.empty():  # the caller went away: nobody waits for these answers
+            unanswered = [] if current is None else [current]
+            while not pending.empty():  # nobody waits for these answers any more
                 entry = pending.get_nowait()
-                if entry is not None and isinstance(entry[3], asyncio.Future):
-                    entry[3].cancel()
+                if entry is not None:
+                    unanswered.append(entry)
+                    if isinstance(entry[3], asyncio.Future):
+                        entry[3].cancel()
+            if gone:  # every message read but not answered ends with the call
+                code, now = _why_cancelled(context), time.perf_counter()
+                for entry in unanswered:
+                    self.metrics.answered("ActStream", code, now - entry[2])
 
     async def ActBatch(self, request: pb.ActBatchRequest, context) -> pb.ActBatchResponse:
         start = time.perf_counter()
@@ -195,6 +226,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except RequestError as e:
             self.metrics.answered("ActBatch", e.code, time.perf_counter() - start)
             await context.abort(e.code, e.message)
+        except asyncio.CancelledError:
+            self.metrics.answered("ActBatch", _why_cancelled(context), time.perf_counter() - start)
+            raise
         response = pb.ActBatchResponse(
             actions=_tensor(out.action.astype("<i4"), pb.DATA_TYPE_INT32),
             log_probs=_tensor(out.log_prob.astype("<f4", copy=False), pb.DATA_TYPE_FLOAT32),
@@ -225,6 +259,28 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 def _unit_response(out: Outputs, request_id: int) -> pb.ActResponse:
     return pb.ActResponse(action=int(out.action[0]), log_prob=float(out.log_prob[0]), probability=float(out.prob[0]),
                           value=float(out.value[0]), model_version=out.version, request_id=request_id)
+
+
+def _check_tls_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> None:
+    """Refuse a certificate or key that TLS cannot use, naming the file. gRPC finds out only as it binds the
+    port, and then reports nothing but a failed bind (which reads as "the port is in use")."""
+    if b"-----BEGIN CERTIFICATE-----" not in cert_pem:
+        raise ValueError(f"--tls-cert {cert}: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)")
+    if b"PRIVATE KEY-----" not in key_pem:
+        raise ValueError(f"--tls-key {key}: no PEM private key in it (expected -----BEGIN PRIVATE KEY-----)")
+
+    def no_password():  # else OpenSSL would prompt on the terminal for an encrypted key's passphrase
+        raise ValueError("encrypted")
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=no_password)
+    except (ssl.SSLError, ValueError) as e:
+        reason = getattr(e, "reason", None)
+        why = ("the key is encrypted; gRPC needs an unencrypted key" if str(e) == "encrypted" else
+               "the key does not belong to the certificate" if reason == "KEY_VALUES_MISMATCH" else
+               f"a corrupt PEM block: {reason or e}")
+        raise ValueError(f"--tls-cert {cert} and --tls-key {key} are not a usable certificate and private key: "
+                         f"{why}") from None
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -275,6 +331,8 @@ class RunningServer:
                 raise ValueError(f"{flag} must lie in 0..65535 (0: any free port), got {port}")
         if config.version is not None and config.version < 1:
             raise ValueError(f"--version must be a positive integer (versions count from 1), got {config.version}")
+        if config.torch_threads < 0:  # as the trainer's --threads
+            raise ValueError(f"--torch-threads must be >= 0 (0: torch's default), got {config.torch_threads}")
         self.metrics = ServiceMetrics(registry)
         self.process = (ProcessForward(threads=config.torch_threads, seed=config.seed)
                         if config.forward_worker == "process" else None)
@@ -324,13 +382,16 @@ class RunningServer:
 
     async def _start(self) -> None:
         c = self.config
-        torch.set_num_threads(c.torch_threads)
+        if c.torch_threads:  # 0: torch's default
+            torch.set_num_threads(c.torch_threads)
         await self._update_health()
         address = f"{c.host}:{c.port}"
         if c.tls_cert is not None or c.tls_key is not None:
             if c.tls_cert is None or c.tls_key is None:
                 raise ValueError("TLS needs both --tls-cert and --tls-key")
-            creds = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
+            key, cert = Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes()
+            _check_tls_pair(c.tls_cert, c.tls_key, cert, key)
+            creds = grpc.ssl_server_credentials([(key, cert)])
         try:
             if c.tls_cert is None:
                 self.port = self.server.add_insecure_port(address)
@@ -342,7 +403,11 @@ class RunningServer:
             raise OSError(f"could not listen on {address}: the port is in use, or the host is not an address of "
                           "this machine")
         if c.metrics_port is not None:
-            self._metrics_server = start_metrics_server(c.metrics_port, c.metrics_host, self.metrics.registry)
+            try:
+                self._metrics_server = start_metrics_server(c.metrics_port, c.metrics_host, self.metrics.registry)
+            except OSError as e:
+                raise OSError(f"could not serve /metrics on {c.metrics_host}:{c.metrics_port} (--metrics-host, "
+                              f"--metrics-port): {e.strerror or e}") from None
         if self.process is not None:
             await self.process.start()
         loop = asyncio.get_running_loop()
@@ -357,7 +422,8 @@ class RunningServer:
         log.info("listening on %s (%s, auth %s); %s", self.address, "TLS" if c.tls_cert else "plaintext",
                  "on" if c.auth_token_file else "off",
                  f"serving {c.name} version {model.version}" if model else
-                 f"no version of {c.name!r} in {c.models} yet: UNAVAILABLE until one appears")
+                 f"no version of {c.name!r} in {c.models} yet: UNAVAILABLE until one appears" if c.poll_seconds
+                 else f"no version of {c.name!r} in {c.models}, and no polling (poll_seconds 0): UNAVAILABLE")
 
     async def _update_health(self) -> None:
         serving = self.holder.current is not None and not self.draining
@@ -403,9 +469,20 @@ async def start_server(config: ServeConfig, registry: CollectorRegistry | None =
     return running
 
 
-async def serve(config: ServeConfig, on_listening: Callable[[RunningServer], None] | None = None) -> dict:
-    """Run the service until SIGTERM or SIGINT, then shut down gracefully; returns a summary."""
-    running = await start_server(config)
+async def serve(config: ServeConfig, on_listening: Callable[[RunningServer], None] | None = None,
+                registry: CollectorRegistry | None = None) -> dict:
+    """Run the service until SIGTERM or SIGINT, then shut down gracefully; returns a summary.
+    Raises ValueError when nothing could ever be served (no servable version, and no polling)."""
+    running = await start_server(config, registry)
+    if running.holder.current is None and config.poll_seconds == 0:
+        # It would answer UNAVAILABLE forever: only a poll could bring a version in.
+        await running.stop(grace=0)
+        refused = running.holder.refused
+        why = f" (refused: {', '.join(map(str, sorted(refused)))}; see the log)" if refused else ""
+        what = (f"version {config.version} of {config.name!r} in {config.models} cannot be served"
+                if config.version is not None else f"no version of {config.name!r} in {config.models} can be served")
+        raise ValueError(f"{what}{why}, and --poll-seconds 0 never looks again: publish a version first, or poll "
+                         "(--poll-seconds > 0)")
     if on_listening is not None:
         on_listening(running)
     stop = asyncio.Event()

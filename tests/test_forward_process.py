@@ -122,3 +122,56 @@ def test_a_worker_that_cannot_start_is_a_clear_error_and_requests_get_unavailabl
 
     error = asyncio.run(main())
     assert error.code == grpc.StatusCode.UNAVAILABLE and "did not start" in error.message
+
+
+def test_a_rollback_to_an_older_version_keeps_it_loaded_on_both_sides(sc):
+    # Serving 3, the operator removes 3 then 2: the holder preloads 2, then 1. The version just loaded must stay,
+    # whatever its number, in the child and in the server's record of the child.
+    models = {v: _model(sc, v, seed=v) for v in (1, 2, 3)}
+    obs, mask, unit = _rows(sc, 6)
+    greedy = np.ones(6, dtype=bool)
+
+    async def main():
+        pf = ProcessForward()
+        await pf.start()
+        try:
+            for v in (1, 2, 3):
+                await pf.load(models[v])
+            answers, held = [], []
+            for v in (3, 2, 1):  # serve 3, then roll back to 2, then to 1
+                await pf.load(models[v])
+                answers.append(await pf(models[v], obs, mask, unit, greedy))
+                held.append(pf.loaded_versions)
+            return answers, held, pf.restarts
+        finally:
+            await pf.close()
+
+    answers, held, restarts = asyncio.run(main())
+    assert [a.version for a in answers] == [3, 2, 1]
+    for out, v in zip(answers, (3, 2, 1)):
+        assert out.action.tolist() == _local(models[v], obs, mask, unit)[0].tolist()
+    assert held == [[2, 3], [2, 3], [1, 2]] and restarts == 0
+
+
+def test_the_child_keeps_the_most_recently_loaded_or_used_versions(sc):
+    import json
+    import struct
+
+    from safetensors.torch import save as st_save
+
+    child = _Child(threads=1, seed=0)
+
+    def load(version):
+        policy = _model(sc, version, seed=version).policy
+        config = json.dumps(policy.config).encode()
+        child.load(version, struct.pack("<I", len(config)) + config + st_save(dict(policy.state_dict())))
+
+    obs, mask, unit = _rows(sc, 1)
+    run = obs.tobytes() + mask.tobytes() + unit.tobytes() + np.ones(1, dtype=bool).tobytes()
+    for v in (1, 2, 3):
+        load(v)
+    load(1)  # a rollback: the oldest number is the newest load
+    assert list(child.models) == [3, 1]
+    child.run(1, 3, run)  # a use counts as recent too: 1 goes next
+    load(2)
+    assert list(child.models) == [3, 2]

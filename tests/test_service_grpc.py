@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service._gen.phalanx.v1 import inference_pb2 as pb
+from service._gen.phalanx.v1 import inference_pb2_grpc as pb_grpc
 from service.client import AsyncClient, Client, StreamError, act_request, batch_request
 from service.server import ServeConfig, start_server
 from trainer.policy import Policy
@@ -258,6 +259,47 @@ def test_every_bad_input_is_refused_with_its_field_and_one_bad_request_fails_not
     assert counts.labels("ActStream", "OK")._value.get() == 2
 
 
+@pytest.mark.parametrize("worker", ("process", "thread"))
+def test_an_observation_too_large_for_the_network_fails_alone_in_its_batch(service_repo, tmp_path, worker):
+    # Finite, so validation lets it through, but the network overflows on it (NaN log-probs): sampling it used
+    # to raise in torch.multinomial and fail every request of the batch with INTERNAL.
+    import pyarrow.parquet as pq
+
+    root, scenario, _ = service_repo
+    obs, mask, unit = sim_inputs(scenario, games=1, steps=1)
+    huge = np.full_like(obs[0], 3e38)
+    experience = tmp_path / "exp"
+
+    async def main():
+        async with serving(root, forward_worker=worker, experience_dir=experience) as running, \
+                AsyncClient(running.address, retries=0) as client:
+            gate = Gate(running.batcher.forward)  # hold one batch so that the next four meet in one
+            running.batcher.forward = gate
+            held = asyncio.create_task(client.act(obs[0], mask[0], 0, greedy=True, game_id="g"))
+            await asyncio.to_thread(gate.entered.wait, 10)
+            calls = [client.act(obs[1], mask[1], 1, greedy=False, game_id="g"),
+                     client.act(huge, mask[2], 2, greedy=False, game_id="g"),
+                     client.act(huge, mask[0], 0, greedy=True, game_id="h"),
+                     client.act_batch(np.stack([obs[2], huge]), mask[[2, 0]], np.array([2, 0]), game_id="f")]
+            answers = asyncio.gather(*calls, return_exceptions=True)
+            await wait_until(lambda: running.batcher.queued_rows == 5, "the four calls to queue")
+            gate.open.set()
+            answers = await answers
+            await held
+            return answers, gate.batches
+
+    answers, batches = asyncio.run(main())
+    assert batches == [1, 5]  # the good and the bad rows shared one forward pass
+    good, *bad = answers
+    assert isinstance(good, pb.ActResponse) and mask[1][good.action] and np.isfinite(good.log_prob)
+    for error, where in zip(bad, ("observation:", "observation:", "observations: row 1")):
+        assert isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert where in error.details() and "too large for the network" in error.details(), error.details()
+    rows = pq.read_table(sorted(experience.glob("*.parquet"))).to_pylist()  # only the two good unit-steps
+    assert sorted(r["unit_id"] for r in rows) == [0, 1] and {r["game_id"] for r in rows} == {"g"}
+    assert all(np.isfinite(r["log_prob"]) and np.isfinite(r["value"]) and np.isfinite(r["obs"]).all() for r in rows)
+
+
 # --- back-pressure and deadlines --------------------------------------------------------------------------------
 
 def test_full_queue_sheds_at_once_and_the_queued_calls_still_finish(service_repo):
@@ -306,6 +348,44 @@ def test_requests_past_their_deadline_are_dropped_before_the_forward_pass(servic
     code, batches = asyncio.run(main())
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert batches == [1]  # only the first request reached the model
+
+
+def test_calls_ended_by_their_deadline_or_by_the_client_are_counted(service_repo):
+    root, scenario, _ = service_repo
+    obs, mask, unit = sim_inputs(scenario, games=1, steps=1)
+
+    async def main():
+        async with serving(root) as running, AsyncClient(running.address, retries=0) as client:
+            gate = Gate(running.batcher.forward)
+            running.batcher.forward = gate
+            # one call whose batch is in the forward pass when its deadline passes, and, queued behind it:
+            computing = asyncio.create_task(client.act(obs[0], mask[0], 0, timeout=2.0))
+            await asyncio.to_thread(gate.entered.wait, 10)
+            queued = [asyncio.create_task(client.act(obs[1], mask[1], 1, timeout=2.0)),
+                      asyncio.create_task(client.act_batch(obs[:2], mask[:2], unit[:2], timeout=2.0))]
+            abandoned = asyncio.create_task(client.act(obs[2], mask[2], 2, timeout=60.0))
+            stream = client.stream(timeout=2.0)
+            await stream.send(act_request(obs[0], mask[0], 0))
+            await wait_until(lambda: running.batcher.queued_rows == 5, "four calls to queue")
+            abandoned.cancel()  # the client goes away long before its deadline
+            ended = await asyncio.gather(computing, *queued, abandoned, stream.recv(), return_exceptions=True)
+            gate.open.set()
+            requests = running.metrics.requests
+            counted = lambda: sum(requests.labels(rpc, code)._value.get() for rpc in ("Act", "ActBatch", "ActStream")
+                                  for code in ("DEADLINE_EXCEEDED", "CANCELLED"))
+            await wait_until(lambda: counted() == 5, "every ended call to be counted")
+            return ended, metric_samples(generate_latest(running.metrics.registry).decode())
+
+    ended, samples = asyncio.run(main())
+    assert [e.code() for e in ended[:3]] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3
+    assert isinstance(ended[3], asyncio.CancelledError) and ended[4].code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    counts = {(dict(labels)["rpc"], dict(labels)["code"]): value for (name, labels), value in samples.items()
+              if name == "phalanx_requests_total" and value}
+    assert counts == {("Act", "DEADLINE_EXCEEDED"): 2, ("Act", "CANCELLED"): 1, ("ActBatch", "DEADLINE_EXCEEDED"): 1,
+                      ("ActStream", "DEADLINE_EXCEEDED"): 1}
+    latencies = {dict(labels)["rpc"]: value for (name, labels), value in samples.items()
+                 if name == "phalanx_request_latency_seconds_count"}
+    assert (latencies["Act"], latencies["ActBatch"], latencies["ActStream"]) == (3, 1, 1)
 
 
 # --- model holder: hot reload, refusals, no model ------------------------------------------------------------------
@@ -416,6 +496,27 @@ def test_removing_the_served_version_rolls_back_and_its_number_is_never_reused(s
     assert served == [2, 1, 3] and reloads == 3
 
 
+@pytest.mark.parametrize("worker", ("process", "thread"))
+def test_rolling_back_across_three_versions_still_answers(service_repo, worker):
+    root, scenario, _ = service_repo  # version 1
+    repo = ModelRepository(root)
+    obs, mask, _ = sim_inputs(scenario, games=1, steps=1)
+    for step in (1, 2):  # versions 2 and 3
+        repo.save("m", Policy.for_scenario(scenario, critic="local"), scenario=scenario, step=step, eval_win_rate=None)
+
+    async def main():
+        async with serving(root, forward_worker=worker) as running, \
+                AsyncClient(running.address, retries=0) as client:
+            served = [(await client.act(obs[0], mask[0], 0)).model_version]
+            for bad in (3, 2):  # the worker held 2 and 3; rolling back to 1 must not evict 1 as it loads
+                shutil.rmtree(Path(root) / "m" / str(bad))
+                assert await asyncio.to_thread(running.holder.check_for_update)
+                served.append((await client.act(obs[0], mask[0], 0)).model_version)
+            return served
+
+    assert asyncio.run(main()) == [3, 2, 1]
+
+
 def test_serve_refuses_a_taken_port_and_impossible_numbers_with_clear_errors(service_repo):
     root, _, _ = service_repo
     with socket.socket() as taken:
@@ -429,6 +530,42 @@ def test_serve_refuses_a_taken_port_and_impossible_numbers_with_clear_errors(ser
                           (dict(port=0, version=0), "--version must be a positive integer")):
         with pytest.raises(ValueError, match=words):
             asyncio.run(start_server(ServeConfig(models=root, name="m", **fields), CollectorRegistry()))
+
+
+def test_serve_and_play_refuse_bad_settings_in_one_line(service_repo, tmp_path, capsys):
+    from service.cli import build_parser, main
+    from service.server import serve
+
+    root, scenario, _ = service_repo
+    # no polling and nothing servable at start: it would answer UNAVAILABLE forever
+    for fields in (dict(models=tmp_path / "empty"), dict(models=root, version=7)):
+        with pytest.raises(ValueError, match=r"be served, and --poll-seconds 0 never looks again"):
+            asyncio.run(serve(ServeConfig(name="m", port=0, poll_seconds=0, **fields), registry=CollectorRegistry()))
+    # the commands print one line and exit 2
+    assert main(["serve", "--models", str(root), "--name", "m", "--port", "0", "--torch-threads", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "phalanx serve: --torch-threads must be >= 0 (0: torch's default), got -1"
+    assert main(["play", "--server", "127.0.0.1:1", "--scenario", "3m", "--timeout", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "phalanx play: --timeout must be > 0 seconds, got 0.0"
+    serve_flags = ["serve", "--models", str(root), "--name", "m", "--log-level"]
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(serve_flags + ["verbose"])
+    assert e.value.code == 2 and "--log-level: invalid choice: 'VERBOSE'" in capsys.readouterr().err
+    assert build_parser().parse_args(serve_flags + ["debug"]).log_level == "DEBUG"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"could not serve /metrics on 127.0.0.1:{port} .*: Address already in use"):
+            asyncio.run(start_server(ServeConfig(models=root, name="m", port=0, metrics_port=port),
+                                     CollectorRegistry()))
+    # --torch-threads 0 means torch's default, as the trainer's --threads 0 does
+    obs, mask, _ = sim_inputs(scenario, games=1, steps=1)
+
+    async def answer_with_default_threads():
+        async with serving(root, torch_threads=0) as running, AsyncClient(running.address, retries=0) as client:
+            return (await client.act(obs[0], mask[0], 0)).model_version
+
+    assert asyncio.run(answer_with_default_threads()) == 1
 
 
 def test_pinned_version_is_served_even_when_newer_ones_exist(service_repo):
@@ -514,6 +651,59 @@ def test_phalanx_health_exits_0_only_while_a_model_serves(service_repo, tmp_path
     assert before == (1, {"server": before[1]["server"], "status": "NOT_SERVING"})
     assert after[0] == 0 and after[1]["status"] == "SERVING"
     assert nobody[0] == 1 and nobody[1]["status"] == "UNREACHABLE" and nobody[1]["code"] == "UNAVAILABLE"
+
+
+class _MisbehavingStreams(pb_grpc.InferenceServicer):
+    """A stand-in server for `phalanx play`: the right model info, then an ActStream that never answers,
+    refuses every message, or ends unanswered (as a draining server ends it) once it has read the first step."""
+
+    def __init__(self, scenario, mode: str):
+        self.scenario, self.mode = scenario, mode
+        self.release = threading.Event()  # lets a silent stream's handler thread go at the end of the test
+
+    def GetModelInfo(self, request, context):
+        sc = self.scenario
+        return pb.ModelInfo(name="m", version=1, spec_name=sc.name, spec_hash=sc.spec_hash, obs_size=sc.obs_size,
+                            n_actions=sc.n_actions, n_agents=sc.n_agents)
+
+    def ActStream(self, request_iterator, context):
+        if self.mode == "silent":
+            self.release.wait(20)
+        elif self.mode == "full":
+            for request in request_iterator:
+                yield pb.ActResponse(request_id=request.request_id, error=pb.Error(
+                    code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="queue full: retry with back-off"))
+        else:  # every unit's request of the first step read (so that no write races the stream's end), then end
+            for _ in range(self.scenario.n_agents):
+                next(request_iterator)
+
+
+@pytest.mark.parametrize("mode, words", [
+    ("silent", "DEADLINE_EXCEEDED: no answer within 0.5 s"),
+    ("full", "RESOURCE_EXHAUSTED: queue full"),
+    ("ends", "UNAVAILABLE: the server ended the stream"),
+])
+def test_play_over_a_stream_ends_with_one_line_when_the_server_fails_it(capsys, mode, words):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.cli import main
+
+    fake = _MisbehavingStreams(load_scenario("3m"), mode)
+    pool = ThreadPoolExecutor(4)
+    server = grpc.server(pool)
+    pb_grpc.add_InferenceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        code = main(["play", "--server", f"127.0.0.1:{port}", "--scenario", "3m", "--games", "1", "--rpc", "stream",
+                     "--timeout", "0.5"])
+    finally:
+        fake.release.set()
+        server.stop(0).wait(10)
+        pool.shutdown(wait=True)  # no handler thread outlives the test
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"phalanx play: 127.0.0.1:{port}: {words}"), err
+    assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
 
 
 def test_phalanx_health_and_scenarios_do_not_load_torch():
@@ -602,6 +792,22 @@ def test_tls_with_a_self_signed_certificate(service_repo, tmp_path):
     good, plain_code = asyncio.run(main())
     assert good.model_version == 1
     assert plain_code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_unusable_tls_files_are_named_not_reported_as_a_busy_port(service_repo, tmp_path):
+    root, _, _ = service_repo
+    junk = tmp_path / "junk.pem"
+    junk.write_text("junk\n")
+    pairs = [(junk, junk, f"--tls-cert {junk}: no PEM certificate")]
+    if shutil.which("openssl") is not None:
+        (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+        (cert, key), (_, other_key) = _self_signed(tmp_path / "a"), _self_signed(tmp_path / "b")
+        pairs += [(cert, junk, f"--tls-key {junk}: no PEM private key"),
+                  (cert, other_key, "the key does not belong to the certificate")]
+    for cert, key, words in pairs:  # a ValueError: `phalanx serve` prints it as one line and exits 2
+        with pytest.raises(ValueError, match=words):
+            asyncio.run(start_server(ServeConfig(models=root, name="m", port=0, tls_cert=cert, tls_key=key),
+                                     CollectorRegistry()))
 
 
 def test_bearer_token_auth(service_repo, tmp_path):

@@ -182,6 +182,37 @@ def test_batcher_fans_a_forward_error_out_to_every_caller():
                for r in results)
 
 
+def test_batcher_fails_only_the_requests_whose_rows_have_no_usable_answer():
+    from service.validation import Rows
+
+    def forward(obs, mask, unit, greedy) -> Outputs:  # overflows on huge rows: NaN, as a real network does
+        n = obs.shape[0]
+        log_prob = np.where(obs[:, 0] > 1e30, np.nan, 0.0).astype(np.float32)
+        return Outputs(7, unit.copy(), log_prob, np.exp(log_prob), np.zeros(n, np.float32))
+
+    forbidden = Rows(np.zeros((1, 5), np.float32), np.array([[False, True, True, True]]), np.zeros(1, np.int64),
+                     np.zeros(1, bool))  # the stand-in answers action 0 = unit 0, which this mask forbids
+    frame = _rows(1.0, unit=1, k=3)
+    frame.obs[1] = 3e38
+
+    async def main():
+        b = _batcher(forward, max_batch_size=64)
+        futures = [b.enqueue(_rows(1.0)), b.enqueue(_rows(3e38, unit=2)), b.enqueue(forbidden), b.enqueue(frame),
+                   b.enqueue(_rows(2.0, unit=1))]
+        b.start()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await b.close()
+        return results
+
+    good, huge, illegal, bad_frame, also_good = asyncio.run(main())
+    assert good.action.tolist() == [0] and also_good.action.tolist() == [1]
+    for error in (huge, illegal, bad_frame):
+        assert isinstance(error, RequestError) and error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert huge.message.startswith("observation: ") and "log-prob nan" in huge.message and "3e+38" in huge.message
+    assert "action 0, which its action mask forbids" in illegal.message
+    assert bad_frame.message.startswith("observations: row 1: ")
+
+
 def test_batcher_sheds_when_full_and_drops_expired_requests():
     async def main():
         fwd = _Recorder()
@@ -285,3 +316,16 @@ def test_model_holder_serves_through_the_traced_graph_or_falls_back_to_eager(ser
     graph, out = served(ModelHolder(ModelRepository(root), "m", poll_seconds=0, metrics=ServiceMetrics(CollectorRegistry())))
     assert graph is None and "serving the eager policy" in caplog.text
     assert out.action.tolist() == want.action.tolist() and np.allclose(out.value, want.value.numpy(), atol=1e-4)
+
+
+def test_the_image_serves_grpc_and_metrics_on_every_interface():
+    # Inside a container 127.0.0.1 is reachable from nowhere else: a published port needs 0.0.0.0.
+    import json
+    from pathlib import Path
+
+    from service.cli import build_parser
+
+    dockerfile = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text()
+    cmd = json.loads(next(line for line in dockerfile.splitlines() if line.startswith("CMD "))[4:])
+    args = build_parser().parse_args(cmd)
+    assert (args.command, args.host, args.metrics_host, args.metrics_port) == ("serve", "0.0.0.0", "0.0.0.0", 9100)
