@@ -6,6 +6,7 @@ It lives on the service side because the service may import the trainer, never t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -41,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`phalanx scenarios --json | head`): stop quietly, as other command-line tools do;
+        # stdout goes to /dev/null so that Python's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool ended by a closed pipe
 
 
 if __name__ == "__main__":

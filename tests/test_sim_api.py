@@ -274,3 +274,12 @@ def test_replay_plays_a_recurrent_model_as_eval_does(tmp_path):
     assert len(frames) == result["episode_length"] + 1
     ev = evaluate(ModelRepository(tmp_path).load("r").policy, sc, 1, 5)
     assert result["episode_return"] == pytest.approx(ev["mean_return"], abs=1e-3)
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`phalanx scenarios --json | head -1`: the pipe closes before everything is written; no traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "service.cli", "scenarios", "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the command writes a line
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 141 and b"Traceback" not in err, err.decode()
