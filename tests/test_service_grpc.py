@@ -729,6 +729,8 @@ def test_phalanx_health_and_scenarios_do_not_load_torch():
     printed, verdict = fresh_cli(["scenarios", "--json"])  # nor does listing the scenarios
     assert verdict == "no torch 0", (printed, verdict)
     assert json.loads(printed[0])["name"]
+    _, verdict = fresh_cli(["train", "--models", "m", "--name", "x", "--envs", "0"])  # nor refusing a bad flag
+    assert verdict == "no torch 2", verdict
 
 
 def test_graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones(service_repo):

@@ -145,11 +145,11 @@ def _fail(command: str, message: str) -> int:
 def stored_card(args) -> dict | None:
     """The card of the version --resume names, or None for a fresh run (or a malformed --resume, which the
     config refuses with its own message)."""
-    from trainer.config import TrainError
-    from trainer.repository import ModelLoadError, ModelRepository
-
     if args.resume is None or not (args.resume == "latest" or args.resume.isdigit()):
         return None
+    from trainer.config import TrainError
+    from trainer.repository import ModelLoadError, ModelRepository  # torch: only for a resumed run
+
     try:
         card, _, _ = ModelRepository(args.models).load_card(
             args.name, None if args.resume == "latest" else int(args.resume))
@@ -280,7 +280,6 @@ def cmd_train(args) -> int:
         return cmd_train_offline(args)
 
     from trainer.config import TrainError
-    from trainer.ppo import leave_process_group, setup_distributed
     from trainer.sim import load_scenario
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -289,6 +288,7 @@ def cmd_train(args) -> int:
         load_scenario(cfg.scenario, files=cfg.scenario_files)  # an unknown scenario fails before anything starts
     except (TrainError, ScenarioError) as e:
         return _fail("train", str(e))
+    from trainer.ppo import leave_process_group, setup_distributed  # torch: only once the flags are good
     rank, world, cfg.device = setup_distributed(cfg.device)
     # An exception propagates without waiting for the other ranks: they fail on their next collective.
     code = _train_rank(cfg, rank)
