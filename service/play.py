@@ -10,6 +10,7 @@ counted). With the same model, seeds and greedy actions the games play out as `p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -88,9 +89,14 @@ async def _ask_stream(stream, requests: list[pb.ActRequest], result: PlayResult)
             result.latencies.append(time.perf_counter() - sent.get(req.request_id, t0))
             result.versions.add(resp.model_version)
             actions.append(resp.action)
-    finally:
-        if not writer.done():  # an answer failed: stop writing to a stream that is being abandoned
-            writer.cancel()
+    except BaseException:
+        # an answer failed: stop writing to a stream that is being abandoned (and leave no task unawaited)
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        raise
+    # Every answer is in, but the writer may not have resumed after its last send yet (an answer can arrive
+    # first): wait for it rather than cancel it.
     await writer
     return actions
 
