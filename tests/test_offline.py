@@ -108,17 +108,22 @@ def test_offline_learner_prefers_the_action_the_log_rewarded(tmp_path):
     p = torch.softmax(logits, 1)
     assert float((p[:, 1] / (p[:, 1] + p[:, 2])).mean()) > 0.8  # it started near 0.5
     assert result.summary["version"] == 1 and result.summary["samples"] == 512
-    assert len(result.history) == 4 and (tmp_path / "models" / "off" / "logs" / "off-3m-offline.csv").is_file()
+    # a fresh critic learns alone first (critic_warmup iterations), then the actor with it
+    assert [r["actor_learns"] for r in result.history] == [False] * cfg.critic_warmup + [True] * 4
+    assert (tmp_path / "models" / "off" / "logs" / "off-3m-offline.csv").is_file()
     card = ModelRepository(tmp_path / "models").load("off").card
     assert card["critic"] == "local" and card["offline"]["behaviour_versions"] == [1]
     assert card["spec"]["hash"] == sc.spec_hash and card["eval_win_rate"] is not None
     # the card says how the version was learned, and nothing about where the files were
     assert (card["training"]["iterations"], card["training"]["lr"], card["training"]["ent_coef"]) == (4, 3e-3, 0.0)
     assert not {"shards", "models", "name", "log_dir"} & set(card["training"])
-    # a second offline run adds its rows to the log instead of replacing the first run's
-    train_offline(dataclasses.replace(cfg, iterations=2, resume="latest"))
+    # a second offline run (its critic already trained: no warm-up) adds its rows to the log, not replacing them
+    again = train_offline(dataclasses.replace(cfg, iterations=2, resume="latest"))
     with open(tmp_path / "models" / "off" / "logs" / "off-3m-offline.csv", newline="") as f:
-        assert [int(r["iteration"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 1, 2]
+        assert [int(r["iteration"]) for r in csv.DictReader(f)] == list(range(1, cfg.critic_warmup + 5)) + [1, 2]
+    # it was judged against the version it started from, on the same games
+    start = again.summary["start_eval_win_rate"]
+    assert start == ModelRepository(tmp_path / "models").load("off", 1).card["eval_win_rate"]
 
 
 def test_offline_command_refuses_what_does_not_apply(tmp_path, capsys):

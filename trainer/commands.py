@@ -107,6 +107,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--iterations", type=int,
                    help=f"V-trace target recomputations, each followed by --epochs x --minibatches updates "
                         f"(default {OfflineConfig.iterations})")
+    g.add_argument("--critic-warmup", type=int,
+                   help=f"iterations, before --iterations, in which only a fresh critic learns (a central-critic "
+                        f"version gets a new local critic here; default {OfflineConfig.critic_warmup})")
     g.add_argument("--rho-bar", type=float, help=f"V-trace importance-weight clip (default {OfflineConfig.rho_bar})")
     g.add_argument("--c-bar", type=float, help=f"V-trace trace-weight clip (default {OfflineConfig.c_bar})")
     p.set_defaults(func=cmd_train)
@@ -192,8 +195,8 @@ RESUMED_SETTINGS = ("scenario", "envs", "rollout", "seed", "lr", "anneal_lr", "g
 def train_config_from_args(args) -> "TrainConfig":
     from trainer.config import LOCAL_CRITIC_DEFAULTS, TrainConfig, TrainError
 
-    offline_only = [f for f, v in (("--iterations", args.iterations), ("--rho-bar", args.rho_bar),
-                                   ("--c-bar", args.c_bar)) if v is not None]
+    offline_only = [f for f, v in (("--iterations", args.iterations), ("--critic-warmup", args.critic_warmup),
+                                   ("--rho-bar", args.rho_bar), ("--c-bar", args.c_bar)) if v is not None]
     if offline_only:
         raise TrainError(f"{', '.join(offline_only)} applies to --from-shards (offline) training only")
     if args.target_window is not None and args.target_win_rate is None:
@@ -230,7 +233,7 @@ def offline_config_from_args(args) -> "OfflineConfig":
         raise TrainError(f"--from-shards learns from logged single unit-steps with a local critic and no "
                          f"environment; {', '.join(online_only)} applies to simulation training only")
     given = {field: getattr(args, flag) for field, flag in (
-        ("iterations", "iterations"), ("epochs", "epochs"), ("minibatches", "minibatches"), ("lr", "lr"),
+        ("iterations", "iterations"), ("critic_warmup", "critic_warmup"), ("epochs", "epochs"), ("minibatches", "minibatches"), ("lr", "lr"),
         ("anneal_lr", "anneal_lr"), ("gamma", "gamma"), ("lam", "gae_lambda"), ("rho_bar", "rho_bar"),
         ("c_bar", "c_bar"), ("clip_coef", "clip_coef"), ("ent_coef", "ent_coef"), ("vf_coef", "vf_coef"),
         ("max_grad_norm", "max_grad_norm"), ("eval_episodes", "eval_episodes"), ("seed", "seed"))

@@ -214,8 +214,14 @@ class OfflineConfig:
     """A fresh policy appends the unit type's one-hot to its input."""
     resume: str | None = None
     """A version of <name> to continue from: an integer or 'latest'."""
-    iterations: int = 10
-    """V-trace target recomputations (I); each is followed by `epochs` x `minibatches` updates."""
+    iterations: int = 3
+    """V-trace target recomputations (I); each is followed by `epochs` x `minibatches` updates. Few on purpose:
+    every one moves the policy further from the one that logged the data, and on a trained 3m policy's log ten
+    made it far worse where two or three kept it (bench/RESULTS.md)."""
+    critic_warmup: int = 5
+    """Iterations, before those, in which only a fresh critic learns (a new policy's, or the local critic a
+    central-critic version gets here). A critic's random values make the first advantages noise, and their
+    normalisation would turn that noise into full-size steps of the actor."""
     epochs: int = 10
     """Passes over the logged samples per iteration (K)."""
     minibatches: int = 2
@@ -260,6 +266,7 @@ class OfflineConfig:
             (self.sharing in SHARING_MODES, f"--sharing must be one of {', '.join(SHARING_MODES)}, got {self.sharing!r}"),
             (self.hidden >= 1, f"--hidden must be >= 1, got {self.hidden}"),
             (self.iterations >= 1, f"--iterations must be >= 1, got {self.iterations}"),
+            (self.critic_warmup >= 0, f"--critic-warmup must be >= 0, got {self.critic_warmup}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.minibatches >= 1, f"--minibatches must be >= 1, got {self.minibatches}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),

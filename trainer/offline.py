@@ -155,7 +155,9 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
             raise TrainError(f"--resume: version {version} of {cfg.name!r} is recurrent; logged experience holds "
                              "single steps of feed-forward policies, so it cannot continue a GRU policy")
         policy, start_step, resumed_from = with_local_critic(loaded.policy), int(loaded.card["step"]), version
+        fresh_critic = loaded.policy.critic != "local"
     else:
+        fresh_critic = True
         policy = Policy.for_scenario(sc, sharing=cfg.sharing, critic="local", hidden=cfg.hidden,
                                      agent_id=cfg.agent_id, unit_type=cfg.unit_type)
     policy = policy.to(dev).train()
@@ -177,9 +179,15 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
 
-    # --- 3. iterate: score, V-trace, PPO updates, log ------------------------------------------------------------
-    for it in range(cfg.iterations):
-        lr = cfg.lr * (1.0 - it / cfg.iterations) if cfg.anneal_lr else cfg.lr
+    # the policy it starts from, on the games the result will be judged on: learning from a fixed log can make a
+    # trained policy worse, and the summary should say so rather than let the new version pass for progress
+    start_ev = evaluate(policy, sc, cfg.eval_episodes, cfg.seed, device=dev) if resumed_from is not None else None
+
+    # --- 3. iterate: score, V-trace, PPO updates, log (a fresh critic learns alone first) -------------------------
+    warmup = cfg.critic_warmup if fresh_critic else 0
+    for it in range(warmup + cfg.iterations):
+        actor_learns = it >= warmup
+        lr = cfg.lr * (1.0 - (it - warmup) / cfg.iterations) if cfg.anneal_lr and actor_learns else cfg.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
         policy.eval()
@@ -194,6 +202,8 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
             old_values_n = policy.value_norm.normalize(values)  # the previous prediction, in the updated units
             adv_s = adv[samples]
             adv_n = (adv_s - adv_s.mean()) / (adv_s.std() + 1e-8) if n > 1 else adv_s
+            if not actor_learns:  # no policy gradient and no bonus: the actor's gradient is exactly zero
+                adv_n = torch.zeros_like(adv_n)
         policy.train()
         rows = dict(obs=data_d["obs"][samples], mask=data_d["mask"][samples], unit=data_d["unit"][samples],
                     actions=data_d["action"][samples], old_log_prob=old_log_prob[samples], advantages=adv_n,
@@ -206,7 +216,8 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
             for m in range(M):
                 idx = perm[m * n // M:(m + 1) * n // M]
                 loss, stats = ppo_loss(policy, {k: v[idx] for k, v in rows.items()}, clip_coef=cfg.clip_coef,
-                                       vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef, clip_vloss=True)
+                                       vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef if actor_learns else 0.0,
+                                       clip_vloss=True)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -214,7 +225,7 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
                 for k, v in stats.items():
                     stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
         ratio = log_ratio[samples].exp()
-        row = {"run_started": started, "iteration": it + 1, "minutes": round((time.perf_counter() - t0) / 60, 4), "lr": lr,
+        row = {"run_started": started, "iteration": it + 1, "actor_learns": actor_learns, "minutes": round((time.perf_counter() - t0) / 60, 4), "lr": lr,
                **{k: round(v / (cfg.epochs * M), 6) for k, v in stat_sums.items()},
                "mean_ratio_to_behaviour": round(float(ratio.mean()), 6),
                "rho_truncated_fraction": round(float((ratio > cfg.rho_bar).float().mean()), 6),
@@ -226,7 +237,8 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
                                      agent_steps_per_s=0.0, train_win_rate=None, train_return=None, lr=lr,
                                      **{k: row[k] for k in ("pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac")})
         if cfg.progress:
-            print(f"offline iteration {it + 1}/{cfg.iterations}: pg_loss {row['pg_loss']:.4f}  v_loss "
+            print(f"offline iteration {it + 1}/{warmup + cfg.iterations}"
+                  f"{'' if actor_learns else ' (critic warm-up)'}: pg_loss {row['pg_loss']:.4f}  v_loss "
                   f"{row['v_loss']:.4f}  entropy {row['entropy']:.3f}  kl {row['approx_kl']:.4f}  ratio to "
                   f"behaviour {row['mean_ratio_to_behaviour']:.3f}", file=sys.stderr, flush=True)
 
@@ -237,7 +249,8 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
     ev = evaluate(policy, sc, cfg.eval_episodes, cfg.seed, device=dev)
     behaviour_versions = sorted({int(v) for v in data.model_version.unique().tolist()})
     offline = {"shards": len(data.files), "rows": data.rows, "samples": data.samples,
-               "trajectories": data.trajectories, "iterations": cfg.iterations, "behaviour_versions": behaviour_versions}
+               "trajectories": data.trajectories, "iterations": cfg.iterations, "behaviour_versions": behaviour_versions,
+               "start_eval_win_rate": None if start_ev is None else start_ev["win_rate"]}
     version = _save(repo, cfg.name, policy, scenario=sc, step=start_step + data.samples, eval_win_rate=ev["win_rate"],
                         extra={"eval_episodes": cfg.eval_episodes, "eval_seed": cfg.seed,
                                "eval_mean_return": ev["mean_return"], "resumed_from": resumed_from,
@@ -248,6 +261,11 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
     if cfg.progress:
         print(f"offline: eval win rate {ev['win_rate']:.3f}  return {ev['mean_return']:.2f}  -> version {version}",
               file=sys.stderr, flush=True)
+    if start_ev is not None and ev["mean_return"] < start_ev["mean_return"]:
+        print(f"offline: warning: version {version} does worse than version {resumed_from} it started from on the "
+              f"same {cfg.eval_episodes} games (win rate {ev['win_rate']:.3f} < {start_ev['win_rate']:.3f}, return "
+              f"{ev['mean_return']:.2f} < {start_ev['mean_return']:.2f}); a service following {cfg.name!r} with "
+              f"--min-eval-win-rate above it will not swap it in", file=sys.stderr, flush=True)
     summary = {"mode": "offline", "scenario": sc.name, "name": cfg.name, "sharing": policy.sharing,
                "critic": policy.critic, **offline, "minutes": round(elapsed / 60, 3),
                "final_eval_win_rate": ev["win_rate"], "eval_mean_return": ev["mean_return"], "version": version,
