@@ -182,9 +182,11 @@ def summarise(runs: dict, scenarios: list, modes: list, seeds: list) -> dict:
     return results
 
 
-# Settings that may differ between runs of one mode that are read together: each seed's own, and the budget
-# (a longer run of a constant schedule is the same curve, continued).
-_PER_RUN = {"seed", "steps", "minutes"}
+def _own_settings(recorded: dict) -> set[str]:
+    """Settings that may differ between runs of one mode read together: each seed's own, and with constant
+    schedules the budget (a longer run is then the same curve, continued; an annealed one is another run)."""
+    constant = recorded.get("anneal_lr") is False and recorded.get("ent_coef_final", 0) is None
+    return {"seed", "steps", "minutes"} if constant else {"seed"}
 
 
 def load_runs(sources: list[str], scenarios: list[str], modes: list[str], seeds: list[int]) -> dict:
@@ -242,13 +244,11 @@ def load_runs(sources: list[str], scenarios: list[str], modes: list[str], seeds:
             if len(recorded) < len(seeds):
                 print(f"{sc} {mode}: {len(seeds) - len(recorded)} of {len(seeds)} runs do not record their "
                       f"settings (trained before the cards kept them): not checked", flush=True)
-            distinct = {json.dumps({k: v for k, v in r.items() if k not in _PER_RUN}, sort_keys=True)
-                        for r in recorded.values()}
-            if len(distinct) > 1:
+            if len(recorded) > 1:
                 first, *rest = recorded.items()
                 for seed, r in rest:
-                    diff = sorted(k for k in set(r) | set(first[1])
-                                  if k not in _PER_RUN and r.get(k) != first[1].get(k))
+                    own = _own_settings(r) & _own_settings(first[1])
+                    diff = sorted(k for k in set(r) | set(first[1]) if k not in own and r.get(k) != first[1].get(k))
                     if diff:
                         raise SystemExit(f"{sc} {mode}: seed {seed} was trained with other settings than seed "
                                          f"{first[0]} ({', '.join(diff)}); these runs do not belong together")

@@ -278,7 +278,7 @@ def _check_tls_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> N
         reason = getattr(e, "reason", None)
         why = ("the key is encrypted; gRPC needs an unencrypted key" if str(e) == "encrypted" else
                "the key does not belong to the certificate" if reason == "KEY_VALUES_MISMATCH" else
-               f"a corrupt PEM block: {reason or e}")
+               f"the key does not fit the certificate, or a PEM block is corrupt ({reason or e})")
         raise ValueError(f"--tls-cert {cert} and --tls-key {key} are not a usable certificate and private key: "
                          f"{why}") from None
 

@@ -130,11 +130,18 @@ def test_from_logs_refuses_runs_that_do_not_belong_together(tmp_path):
     with pytest.raises(SystemExit, match="differ"):
         sharing.load_runs([str(a), str(b)], ["8m"], ["shared"], [0])
     c = tmp_path / "c"
-    _logged_run(c, "8m-shared-0", "8m", [0.2], training={"lr": 5e-4, "envs": 64, "seed": 0, "steps": 100})
-    _logged_run(c, "8m-shared-1", "8m", [0.2], training={"lr": 5e-4, "envs": 64, "seed": 1, "steps": 900})
+    constant = {"lr": 5e-4, "envs": 64, "anneal_lr": False, "ent_coef_final": None}
+    _logged_run(c, "8m-shared-0", "8m", [0.2], training={**constant, "seed": 0, "steps": 100})
+    _logged_run(c, "8m-shared-1", "8m", [0.2], training={**constant, "seed": 1, "steps": 900})
     assert len(sharing.load_runs([str(c)], ["8m"], ["shared"], [0, 1])) == 2  # seed and budget may differ
-    _logged_run(c, "8m-shared-2", "8m", [0.2], training={"lr": 1e-3, "envs": 64, "seed": 2, "steps": 100})
+    _logged_run(c, "8m-shared-2", "8m", [0.2], training={**constant, "lr": 1e-3, "seed": 2, "steps": 100})
     with pytest.raises(SystemExit, match=r"seed 2 was trained with other settings .*\(lr\)"):
         sharing.load_runs([str(c)], ["8m"], ["shared"], [0, 1, 2])
+    # annealed over its budget, a longer run is another run at every step: budgets must agree then
+    annealed = {"lr": 5e-4, "envs": 64, "anneal_lr": True, "ent_coef_final": 0.02}
+    _logged_run(c, "8m-independent-0", "8m", [0.2], training={**annealed, "seed": 0, "steps": 100})
+    _logged_run(c, "8m-independent-1", "8m", [0.2], training={**annealed, "seed": 1, "steps": 900})
+    with pytest.raises(SystemExit, match=r"seed 1 was trained with other settings .*\(steps\)"):
+        sharing.load_runs([str(c)], ["8m"], ["independent"], [0, 1])
     with pytest.raises(SystemExit, match="not one of --modes"):
         sharing.load_runs([f"per-type={c}"], ["8m"], ["shared"], [0])

@@ -257,3 +257,18 @@ def test_shard_metadata_of_the_wrong_type_is_refused(tmp_path):
     pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps({**meta, "run_id": ["a"]}).encode()}), odd)
     with pytest.raises(ShardError, match=r"odd\.parquet: metadata run_id must be a string"):
         read_shards(odd)
+
+
+def test_a_simulation_run_resumed_from_an_offline_version_learns_with_the_simulation_runs_settings(tmp_path):
+    """An offline version records offline settings (a constant bonus 0.05, its own epochs); resuming it in the
+    simulator takes the settings of the simulation run it came from, not those."""
+    models = str(tmp_path / "models")
+    assert main(["train", "--scenario", "3m", "--models", models, "--name", "m", "--steps", "256", "--envs", "32",
+                 "--hidden", "16", "--epochs", "3", "--lr", "1e-4", "--eval-episodes", "4", "--no-progress"]) == 0
+    synthetic_shards(tmp_path / "shards", load_scenario("3m"))
+    assert main(["train", "--from-shards", str(tmp_path / "shards"), "--models", models, "--name", "m",
+                 "--resume", "latest", "--iterations", "1", "--eval-episodes", "4", "--no-progress"]) == 0
+    assert ModelRepository(models).load_card("m")[0]["training"]["ent_coef"] == OfflineConfig.ent_coef
+    cfg = train_config_from_args(build_parser().parse_args(["train", "--models", models, "--name", "m",
+                                                            "--resume", "latest"]))
+    assert (cfg.lr, cfg.epochs, cfg.envs, cfg.ent_coef, cfg.ent_coef_final) == (1e-4, 3, 32, 0.1, 0.02)

@@ -1,6 +1,7 @@
 """The PPO learner: GAE, the clipped loss, learning beats random play, every sharing mode and critic runs."""
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,14 +134,18 @@ def test_target_win_rate_stops_early_and_resume_continues(tmp_path):
     # the log continues the curve rather than starting over: steps, samples and minutes run on
     rows = list(csv.DictReader(open(resumed["csv"])))
     assert [int(r["steps"]) for r in rows] == [h["steps"] for h in run.history] + [resumed["steps"]]
-    for key in ("samples", "minutes"):
-        values = [float(r[key]) for r in rows]
-        assert values == sorted(values) and values[-1] > values[-2], key
+    samples, minutes = ([float(r[key]) for r in rows] for key in ("samples", "minutes"))
+    assert samples == sorted(samples) and samples[-1] > samples[-2] and minutes == sorted(minutes)
     assert card["samples"] == int(rows[-1]["samples"])
-    # resuming an earlier version replaces what followed it
+    # resuming an earlier version replaces what followed it in the log; the whole earlier log is kept aside
     again = train(tiny_cfg(tmp_path, steps=32 * 8 * 2, eval_every=10 ** 9, resume="1")).summary
     rows = list(csv.DictReader(open(again["csv"])))
     assert [int(r["steps"]) for r in rows] == [run.history[0]["steps"], run.history[0]["steps"] + 32 * 8 * 2]
+    (aside,) = Path(again["csv"]).parent.glob("m-3m.csv.*")
+    assert len(list(csv.DictReader(open(aside)))) == len(run.history) + 1
+    # so does a fresh run under the same name: its curve starts over, the old one is not erased
+    train(tiny_cfg(tmp_path, steps=32 * 8, eval_every=10 ** 9))
+    assert len(list(Path(again["csv"]).parent.glob("m-3m.csv.*"))) == 2
     with pytest.raises(TrainError, match="trained on spec"):
         train(tiny_cfg(tmp_path, scenario="8m", resume="1"))
 

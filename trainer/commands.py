@@ -135,7 +135,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _kept(defaults, field: str) -> str:
     """Help text for a learning setting: its default, and what --resume does with it."""
-    return f" (default {getattr(defaults, field)}; with --resume the stored run's)"
+    return f" (default {getattr(defaults, field)}; with --resume, simulation training takes the stored run's)"
 
 
 def _fail(command: str, message: str) -> int:
@@ -192,6 +192,26 @@ RESUMED_SETTINGS = ("scenario", "envs", "rollout", "seed", "lr", "anneal_lr", "g
                     "eval_every", "eval_episodes")
 
 
+def simulation_settings(args, card: dict) -> dict:
+    """The learning settings of the last simulation run in a version's lineage. A version made from shards
+    records offline settings (a constant bonus, V-trace iterations): follow `resumed_from` back to the run that
+    learned in the simulator. {} when there is none, or the card predates the record."""
+    from trainer.repository import ModelLoadError, ModelRepository
+
+    repo = ModelRepository(args.models)
+    seen = set()
+    while "offline" in card:
+        previous = card.get("resumed_from")
+        if not isinstance(previous, int) or previous in seen:
+            return {}
+        seen.add(previous)
+        try:
+            card, _, _ = repo.load_card(args.name, previous)
+        except ModelLoadError:  # that version is gone
+            return {}
+    return card.get("training") or {}
+
+
 def train_config_from_args(args) -> "TrainConfig":
     from trainer.config import LOCAL_CRITIC_DEFAULTS, TrainConfig, TrainError
 
@@ -209,7 +229,7 @@ def train_config_from_args(args) -> "TrainConfig":
     if arch["critic"] == "local":
         settings.update(LOCAL_CRITIC_DEFAULTS)
     if card is not None:
-        stored = card.get("training") or {}  # versions saved before cards kept their settings: scenario only
+        stored = simulation_settings(args, card)
         settings.update({k: stored[k] for k in RESUMED_SETTINGS if k in stored}, scenario=card["scenario"])
     settings.update({k: getattr(args, k) for k in _OPTIONAL_FLAGS if getattr(args, k) is not None})
     return TrainConfig(

@@ -185,6 +185,7 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
 
     # --- 3. iterate: score, V-trace, PPO updates, log (a fresh critic learns alone first) -------------------------
     warmup = cfg.critic_warmup if fresh_critic else 0
+    actor_params = [p for name, p in policy.named_parameters() if name.startswith("actor_")]
     for it in range(warmup + cfg.iterations):
         actor_learns = it >= warmup
         lr = cfg.lr * (1.0 - (it - warmup) / cfg.iterations) if cfg.anneal_lr and actor_learns else cfg.lr
@@ -220,6 +221,9 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
                                        clip_vloss=True)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if not actor_learns:  # no gradient at all, not a zero one: Adam would count zero steps for the
+                    for p in actor_params:  # actor and then take oversized ones once it learns
+                        p.grad = None
                 nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 for k, v in stats.items():
@@ -254,18 +258,19 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
     version = _save(repo, cfg.name, policy, scenario=sc, step=start_step + data.samples, eval_win_rate=ev["win_rate"],
                         extra={"eval_episodes": cfg.eval_episodes, "eval_seed": cfg.seed,
                                "eval_mean_return": ev["mean_return"], "resumed_from": resumed_from,
-                               "offline": offline, "training": training_settings(cfg)})
+                               "offline": offline,
+                               "training": {**training_settings(cfg), "critic_warmup": warmup}})
     if metrics is not None:
         metrics.update_eval(win_rate=ev["win_rate"], mean_return=ev["mean_return"], version=version)
     elapsed = time.perf_counter() - t0
     if cfg.progress:
         print(f"offline: eval win rate {ev['win_rate']:.3f}  return {ev['mean_return']:.2f}  -> version {version}",
               file=sys.stderr, flush=True)
-    if start_ev is not None and ev["mean_return"] < start_ev["mean_return"]:
-        print(f"offline: warning: version {version} does worse than version {resumed_from} it started from on the "
-              f"same {cfg.eval_episodes} games (win rate {ev['win_rate']:.3f} < {start_ev['win_rate']:.3f}, return "
-              f"{ev['mean_return']:.2f} < {start_ev['mean_return']:.2f}); a service following {cfg.name!r} with "
-              f"--min-eval-win-rate above it will not swap it in", file=sys.stderr, flush=True)
+    if start_ev is not None and (ev["win_rate"], ev["mean_return"]) < (start_ev["win_rate"], start_ev["mean_return"]):
+        print(f"offline: warning: version {version} does worse than version {resumed_from}, which it started from, "
+              f"on the same {cfg.eval_episodes} games: win rate {ev['win_rate']:.3f} (was {start_ev['win_rate']:.3f}), "
+              f"return {ev['mean_return']:.2f} (was {start_ev['mean_return']:.2f}); a service following "
+              f"{cfg.name!r} with a --min-eval-win-rate above it will not swap it in", file=sys.stderr, flush=True)
     summary = {"mode": "offline", "scenario": sc.name, "name": cfg.name, "sharing": policy.sharing,
                "critic": policy.critic, **offline, "minutes": round(elapsed / 60, 3),
                "final_eval_win_rate": ev["win_rate"], "eval_mean_return": ev["mean_return"], "version": version,

@@ -297,7 +297,8 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
     E, T, A = cfg.envs, cfg.rollout, sc.n_agents
     O, S, N, H = sc.obs_size, sc.state_size, sc.n_actions, policy.hidden
     central = policy.critic == "central"
-    sim = BattleSim(sc, E, seed=cfg.seed + 1_000_000 * (rank + 1), device=device, check_actions=False)
+    # each rank its own games; a resumed run new ones too (not the original run's openings again)
+    sim = BattleSim(sc, E, seed=cfg.seed + 1_000_000 * (rank + 1) + start_step, device=device, check_actions=False)
     dev = sim.device
     unit_flat = torch.arange(A, device=dev).repeat(E)  # (E*A,) slot of each row
     steps_per_iter = E * T * world
@@ -320,10 +321,10 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
     csv_path = log_dir / f"{cfg.name}-{cfg.scenario}.csv"
     history: list[dict] = []  # this run's evaluations
     # A resumed run continues the stored run's curve (its rows up to the version resumed from), in steps, samples
-    # and minutes, rather than starting the CSV over.
-    prior = _prior_rows(csv_path, up_to_step=start_step) if rank == 0 and resumed_from is not None else []
+    # and minutes (the card's, which count from the first run); a log it does not continue is moved aside.
+    prior = _continued_rows(csv_path, resumed_from) if rank == 0 else []
     samples_before = int(loaded.card.get("samples") or 0) if resumed_from is not None else 0
-    minutes_before = float(prior[-1]["minutes"]) if prior else 0.0
+    minutes_before = float(loaded.card.get("minutes") or 0.0) if resumed_from is not None else 0.0
     bar = None
     if rank == 0:
         try:
@@ -498,7 +499,7 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
             version = _save(repo, cfg.name, policy, scenario=sc, step=global_step, eval_win_rate=ev["win_rate"],
                                 extra={"eval_episodes": cfg.eval_episodes, "eval_seed": cfg.seed,
                                        "eval_mean_return": ev["mean_return"], "samples": samples_before + samples,
-                                       "minutes": round(minutes_before + elapsed / 60, 3), "resumed_from": resumed_from,
+                                       "minutes": round(minutes_before + elapsed / 60, 4), "resumed_from": resumed_from,
                                        "training": {**training_settings(cfg), "world_size": world}})
             row = {"steps": global_step, "minutes": round(minutes_before + elapsed / 60, 4),
                    "samples": samples_before + samples,
@@ -562,21 +563,39 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _prior_rows(path: Path, up_to_step: int | None = None) -> list[dict]:
-    """The rows of an earlier run's CSV that this run continues (up_to_step: those at or before the version it
-    resumed from; later ones belong to the continuation it replaces). A file that cannot be read is moved
+def _prior_rows(path: Path) -> list[dict]:
+    """Every row of an earlier run's CSV, which this run's rows follow. A file that cannot be read is moved
     aside, never overwritten."""
     if not path.is_file():
         return []
     try:
         with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        return [r for r in rows if up_to_step is None or int(r["steps"]) <= up_to_step]
-    except (OSError, ValueError, KeyError, TypeError, csv.Error) as e:
-        aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
-        os.replace(path, aside)
-        logging.getLogger(__name__).warning("%s: cannot continue this log (%s); moved it to %s", path, e, aside)
+            return list(csv.DictReader(f))
+    except (OSError, ValueError, csv.Error) as e:
+        _move_aside(path, f"cannot continue this log ({e})")
         return []
+
+
+def _continued_rows(path: Path, resumed_from: int | None) -> list[dict]:
+    """The rows of the CSV that a run continues: those up to the row of the version it resumed from (later rows
+    belong to a continuation it replaces). A fresh run continues none. Whatever is not continued stays on disk,
+    moved aside, so that a new run under an old name never erases a curve."""
+    rows = _prior_rows(path)
+    if not rows:
+        return []
+    ends = [i for i, r in enumerate(rows) if resumed_from is not None and r.get("version") == str(resumed_from)]
+    kept = rows[:ends[-1] + 1] if ends else []
+    if len(kept) < len(rows):
+        _move_aside(path, "a new run does not continue all of it")
+    return kept
+
+
+def _move_aside(path: Path, why: str) -> None:
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    aside = next(a for a in (path.with_name(f"{path.name}.{stamp}" + (f"-{i}" if i else "")) for i in range(1000))
+                 if not a.exists())
+    os.replace(path, aside)
+    logging.getLogger(__name__).warning("%s: %s; moved it to %s", path, why, aside)
 
 
 def _plot(history: list[dict], path: Path, *, title: str) -> None:
