@@ -19,11 +19,13 @@ event loop. A step's reward and done arrive with the NEXT request of the same un
 Bounded memory: completed steps fill a preallocated chunk of `chunk_rows` rows, handed to a writer thread when
 full (or every `flush_seconds`); at most `max_open` units wait for a reward - beyond it the stalest is evicted
 (counted): its waiting step is written with reward 0 and `truncated` set. At most `max_backlog` chunks wait for
-the writer; past that a chunk is dropped and counted rather than ever blocking the event loop.
+the writer: when the disk falls that far behind, requests that log experience wait for it before they are
+recorded (`await room()`: backpressure, without blocking the event loop), so nothing answered is dropped.
 
 Durability: shards are written to `.tmp-*` and renamed into place (trainer/shards.py). `close()` (a clean
 shutdown) writes every completed step and every step still waiting for its reward (reward 0, `truncated`), so
-nothing the service answered is lost; a crash loses the open chunk (and any chunk the writer had not written yet).
+nothing the service answered is lost; a crash loses the open chunk and the (at most `max_backlog`) chunks the
+writer had not written yet.
 """
 
 from __future__ import annotations
@@ -140,7 +142,20 @@ class ExperienceLog:
     async def _flush_every(self) -> None:
         while True:
             await asyncio.sleep(self.flush_seconds)
+            await self.room()
             self._hand_off()
+
+    async def room(self) -> None:
+        """Return once the writer can take one more finished chunk. The server awaits this right before each
+        `record_*` (nothing awaited in between, so the room is still there): when the disk is `max_backlog`
+        chunks behind, serving slows to the disk's pace instead of dropping what it answered. The wait is
+        counted in phalanx_experience_wait_seconds_total."""
+        if not self._queue.full():
+            return
+        started = time.perf_counter()
+        while self._queue.full():
+            await asyncio.sleep(0.002)
+        self.metrics.experience_wait.inc(time.perf_counter() - started)
 
     # --- recording (event loop) ---------------------------------------------------------------------------
     def record_unit(self, request: pb.ActRequest, rows: Rows, out: Outputs) -> None:
@@ -248,9 +263,10 @@ class ExperienceLog:
         try:
             self._queue.put_nowait(item)
         except queue.Full:
-            self.metrics.experience_dropped.labels("writer_behind").inc(n)
-            log.error("experience log: the writer is %d chunks behind; dropped a chunk of %d rows",
-                      self._queue.maxsize, n)
+            # Only when one request fills more than one chunk (a frame larger than chunk_rows) after room():
+            # wait for the writer here, briefly blocking the loop, rather than lose the chunk.
+            log.warning("experience log: the writer is %d chunks behind; waiting for it", self._queue.maxsize)
+            self._queue.put(item)
 
     # --- writing (writer thread) ----------------------------------------------------------------------------
     def _write_loop(self) -> None:

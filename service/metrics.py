@@ -65,8 +65,10 @@ class ServiceMetrics:
             "or still waiting at shutdown).", registry=r)
         self.experience_dropped = Counter(
             "phalanx_experience_dropped_rows_total", "Served unit-steps not logged, by reason (no_game_id: the "
-            "request had none; writer_behind: too many chunks waiting for the disk; write_failed).", ["reason"],
-            registry=r)
+            "request had none; write_failed: the shard could not be written).", ["reason"], registry=r)
+        self.experience_wait = Counter(
+            "phalanx_experience_wait_seconds_total", "Time requests waited for the experience writer before being "
+            "recorded (the disk that many chunks behind: backpressure instead of dropped steps).", registry=r)
         self.experience_open = Gauge(
             "phalanx_experience_open_trajectories", "Units whose last served step waits for its reward.", registry=r)
         # Children bound once: `.labels()` on the hot path costs a dict lookup and a lock per call.

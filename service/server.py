@@ -152,6 +152,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise
         self.metrics.answered("Act", OK, time.perf_counter() - start, 1)
         if self.experience is not None:
+            await self.experience.room()
             self.experience.record_unit(request, rows, out)
         return _unit_response(out, request.request_id)
 
@@ -196,6 +197,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 current = None
                 self.metrics.answered("ActStream", OK, time.perf_counter() - start, 1)
                 if self.experience is not None:
+                    await self.experience.room()
                     self.experience.record_unit(request, rows, out)
                 yield _unit_response(out, request_id)
             if not reader.cancelled():
@@ -237,6 +239,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             model_version=out.version, request_id=request.request_id)
         self.metrics.answered("ActBatch", OK, time.perf_counter() - start, len(out.action))
         if self.experience is not None:
+            await self.experience.room()
             self.experience.record_frame(request, rows, out)
         return response
 

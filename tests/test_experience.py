@@ -307,3 +307,44 @@ def test_clean_shutdown_writes_every_answered_step_of_every_rpc(service_repo, tm
     assert np.allclose(first["obs"], obs[0]) and first["mask"] == mask[0].tolist()
     data = read_shards(experience, spec_hash=scenario.spec_hash)
     assert data.rows == answered
+
+
+def test_a_disk_that_falls_behind_slows_logging_requests_but_loses_nothing(tmp_path, monkeypatch):
+    """A writer one chunk behind (max_backlog 1) and a slow disk: requests wait in `room()` (counted), without
+    blocking the event loop, and every answered step reaches a shard."""
+    import service.experience as experience
+    import time as time_module
+
+    real_write = experience.write_shard
+
+    def slow_write(*args, **kw):
+        time_module.sleep(0.05)
+        return real_write(*args, **kw)
+
+    monkeypatch.setattr(experience, "write_shard", slow_write)
+
+    async def main():
+        log, metrics = make_log(tmp_path, chunk_rows=4, max_backlog=1)
+        ticks = 0
+
+        async def ticker():  # the event loop stays free while requests wait for the writer
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        tick = asyncio.create_task(ticker())
+        started = time_module.perf_counter()
+        for t in range(40):
+            await log.room()
+            unit_step(log, "game-0", 0, t, prev_reward=None if t == 0 else 1.0, prev_done=None if t == 0 else False)
+        waited = time_module.perf_counter() - started
+        tick.cancel()
+        await log.close()
+        return metrics, waited, ticks
+
+    metrics, waited, ticks = asyncio.run(main())
+    assert counter(metrics, "phalanx_experience_dropped_rows_total", {"reason": "writer_behind"}) == 0
+    assert counter(metrics, "phalanx_experience_wait_seconds_total") > 0
+    assert ticks >= waited / 0.005 / 4  # the loop kept turning while requests waited
+    assert pq.read_table(sorted((tmp_path / "exp").glob("*.parquet"))).num_rows == 40
