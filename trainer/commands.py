@@ -90,10 +90,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-episodes", type=int, help=f"greedy evaluation games{_kept(d, 'eval_episodes')}")
     p.add_argument("--resume", help="continue from a version of --name: a number or 'latest'. The network keeps "
                                     "its architecture (--sharing, --critic, --hidden, --agent-id, --unit-type, "
-                                    "--recurrent come from it and may only repeat it); --scenario and the learning "
-                                    "settings default to the stored run's; the budget is this run's own, and the "
-                                    "schedules (learning rate, entropy bonus) run again over it. The optimiser's "
-                                    "state is not stored: Adam starts afresh")
+                                    "--recurrent come from it and may only repeat it). In simulation training, "
+                                    "--scenario and the learning settings default to the stored run's, the budget "
+                                    "is this run's own, the schedules (learning rate, entropy bonus) run again "
+                                    "over it, and the CSV log continues. The optimiser's state is not stored: "
+                                    "Adam starts afresh")
     p.add_argument("--log-dir", help="CSV and PNG directory (default <models>/<name>/logs)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free port)")
     p.add_argument("--metrics-addr", help=f"with --metrics-port: the address to listen on (default "
