@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import queue
 import threading
@@ -111,6 +112,8 @@ class ExperienceLog:
         self._queue: queue.Queue = queue.Queue(max_backlog)
         self._writer = threading.Thread(target=self._write_loop, name="phalanx-experience-writer", daemon=True)
         self._flusher: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._room: asyncio.Event | None = None
         self._warned_no_game = False
         self.closed = False
         self.rows_written = 0
@@ -118,6 +121,8 @@ class ExperienceLog:
 
     # --- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._room = asyncio.Event()  # set (from the writer thread) whenever it takes a chunk off the queue
         self._writer.start()
         if self.flush_seconds > 0:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_every(), name="phalanx-experience")
@@ -150,12 +155,18 @@ class ExperienceLog:
         `record_*` (nothing awaited in between, so the room is still there): when the disk is `max_backlog`
         chunks behind, serving slows to the disk's pace instead of dropping what it answered. The wait is
         counted in phalanx_experience_wait_seconds_total."""
-        if not self._queue.full():
+        if not self._queue.full() or self._room is None:
             return
         started = time.perf_counter()
-        while self._queue.full():
-            await asyncio.sleep(0.002)
-        self.metrics.experience_wait.inc(time.perf_counter() - started)
+        try:
+            while self._queue.full():
+                # Woken by the writer, not by polling: a thousand waiting requests polling the queue would keep
+                # the GIL from the very thread they wait for.
+                self._room.clear()
+                if self._queue.full():
+                    await self._room.wait()
+        finally:
+            self.metrics.experience_wait.inc(time.perf_counter() - started)
 
     # --- recording (event loop) ---------------------------------------------------------------------------
     def record_unit(self, request: pb.ActRequest, rows: Rows, out: Outputs) -> None:
@@ -263,14 +274,18 @@ class ExperienceLog:
         try:
             self._queue.put_nowait(item)
         except queue.Full:
-            # Only when one request fills more than one chunk (a frame larger than chunk_rows) after room():
-            # wait for the writer here, briefly blocking the loop, rather than lose the chunk.
+            # Only when one request fills more than one chunk after room() (a frame larger than chunk_rows, or
+            # one whose evictions add as many rows again): wait for the writer here, blocking the loop for as
+            # long as one shard takes to write, rather than lose the chunk.
             log.warning("experience log: the writer is %d chunks behind; waiting for it", self._queue.maxsize)
             self._queue.put(item)
 
     # --- writing (writer thread) ----------------------------------------------------------------------------
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
+            if self._room is not None:  # a slot is free again: wake the requests waiting in room()
+                with contextlib.suppress(RuntimeError):  # the loop is gone (the process is ending)
+                    self._loop.call_soon_threadsafe(self._room.set)
             chunk, spec_name, spec_hash, name = item
             n = chunk.action.shape[0]
             try:

@@ -144,6 +144,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             rows = unit_rows(request, self.holder.require())
             out = await self.batcher.submit(rows, _deadline(context))
+            if self.experience is not None:
+                await self.experience.room()  # a disk behind holds the answer back (nothing awaited after it)
         except RequestError as e:
             self.metrics.answered("Act", e.code, time.perf_counter() - start)
             await context.abort(e.code, e.message)
@@ -152,7 +154,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise
         self.metrics.answered("Act", OK, time.perf_counter() - start, 1)
         if self.experience is not None:
-            await self.experience.room()
             self.experience.record_unit(request, rows, out)
         return _unit_response(out, request.request_id)
 
@@ -189,6 +190,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     if isinstance(item, RequestError):
                         raise item
                     out = await item
+                    if self.experience is not None:
+                        await self.experience.room()  # a disk behind holds the answer back (nothing awaited after)
                 except RequestError as e:
                     current = None
                     self.metrics.answered("ActStream", e.code, time.perf_counter() - start)
@@ -197,7 +200,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 current = None
                 self.metrics.answered("ActStream", OK, time.perf_counter() - start, 1)
                 if self.experience is not None:
-                    await self.experience.room()
                     self.experience.record_unit(request, rows, out)
                 yield _unit_response(out, request_id)
             if not reader.cancelled():
@@ -225,6 +227,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             rows = frame_rows(request, self.holder.require())
             out = await self.batcher.submit(rows, _deadline(context))
+            if self.experience is not None:
+                await self.experience.room()  # a disk behind holds the answer back (nothing awaited after it)
         except RequestError as e:
             self.metrics.answered("ActBatch", e.code, time.perf_counter() - start)
             await context.abort(e.code, e.message)
@@ -239,7 +243,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             model_version=out.version, request_id=request.request_id)
         self.metrics.answered("ActBatch", OK, time.perf_counter() - start, len(out.action))
         if self.experience is not None:
-            await self.experience.room()
             self.experience.record_frame(request, rows, out)
         return response
 

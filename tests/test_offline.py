@@ -271,4 +271,13 @@ def test_a_simulation_run_resumed_from_an_offline_version_learns_with_the_simula
     assert ModelRepository(models).load_card("m")[0]["training"]["ent_coef"] == OfflineConfig.ent_coef
     cfg = train_config_from_args(build_parser().parse_args(["train", "--models", models, "--name", "m",
                                                             "--resume", "latest"]))
-    assert (cfg.lr, cfg.epochs, cfg.envs, cfg.ent_coef, cfg.ent_coef_final) == (1e-4, 3, 32, 0.1, 0.02)
+    assert (cfg.lr, cfg.epochs, cfg.ent_coef, cfg.ent_coef_final) == (1e-4, 3, 0.1, 0.02)
+    # but the network now has a local critic (it got one offline): the local critic's rollouts, not the old ones
+    assert (cfg.critic, cfg.envs, cfg.rollout, cfg.gae_lambda) == ("local", 64, 128, 1.0)
+    # and its simulation curve continues from the simulation run's last row, past the offline version
+    before = list(csv.DictReader(open(tmp_path / "models" / "m" / "logs" / "m-3m.csv")))
+    assert main(["train", "--models", models, "--name", "m", "--resume", "latest", "--steps", "64", "--envs", "8",
+                 "--rollout", "8", "--eval-episodes", "4", "--no-progress"]) == 0
+    after = list(csv.DictReader(open(tmp_path / "models" / "m" / "logs" / "m-3m.csv")))
+    assert after[:len(before)] == before and len(after) == len(before) + 1
+    assert int(after[-1]["samples"]) > int(before[-1]["samples"])

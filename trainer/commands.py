@@ -231,6 +231,9 @@ def train_config_from_args(args) -> "TrainConfig":
         settings.update(LOCAL_CRITIC_DEFAULTS)
     if card is not None:
         stored = simulation_settings(args, card)
+        if stored.get("critic", arch["critic"]) != arch["critic"]:
+            # a central-critic run's rollouts do not suit the local critic its version got offline
+            stored = {k: v for k, v in stored.items() if k not in LOCAL_CRITIC_DEFAULTS}
         settings.update({k: stored[k] for k in RESUMED_SETTINGS if k in stored}, scenario=card["scenario"])
     settings.update({k: getattr(args, k) for k in _OPTIONAL_FLAGS if getattr(args, k) is not None})
     return TrainConfig(

@@ -35,7 +35,7 @@ from torch import nn
 
 from trainer.config import ARCHITECTURE_FIELDS, TrainConfig, TrainError, training_settings
 from trainer.policy import Policy
-from trainer.repository import ModelRepository
+from trainer.repository import ModelLoadError, ModelRepository
 from trainer.sim import BattleSim, load_scenario
 
 
@@ -322,9 +322,12 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
     history: list[dict] = []  # this run's evaluations
     # A resumed run continues the stored run's curve (its rows up to the version resumed from), in steps, samples
     # and minutes (the card's, which count from the first run); a log it does not continue is moved aside.
-    prior = _continued_rows(csv_path, resumed_from) if rank == 0 else []
-    samples_before = int(loaded.card.get("samples") or 0) if resumed_from is not None else 0
-    minutes_before = float(loaded.card.get("minutes") or 0.0) if resumed_from is not None else 0.0
+    lineage = _lineage(repo, cfg.name, loaded.card) if resumed_from is not None else []
+    prior, stale_log = _continued_rows(csv_path, lineage) if rank == 0 else ([], False)
+    card = loaded.card if resumed_from is not None else {}
+    # a version made from shards records no simulator samples or minutes: the curve's own last row does
+    samples_before = int(card.get("samples") or (prior[-1]["samples"] if prior else 0))
+    minutes_before = float(card.get("minutes") or (prior[-1]["minutes"] if prior else 0.0))
     bar = None
     if rank == 0:
         try:
@@ -509,6 +512,9 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
                    **{k: round(v, 6) for k, v in iter_stats.items()}, "lr": lr, "ent_coef": ent_coef,
                    "agent_steps_per_s": round(agent_steps_per_s, 1), "version": version}
             history.append(row)
+            if stale_log:  # only now that this run has rows of its own to write
+                _move_aside(csv_path, "this run does not continue all of it")
+                stale_log = False
             _write_csv(csv_path, prior + history)
             reached = target_held(history, cfg.target_win_rate, cfg.target_window)
             ep_wins, ep_returns, ep_count = 0.0, 0.0, 0
@@ -576,18 +582,30 @@ def _prior_rows(path: Path) -> list[dict]:
         return []
 
 
-def _continued_rows(path: Path, resumed_from: int | None) -> list[dict]:
-    """The rows of the CSV that a run continues: those up to the row of the version it resumed from (later rows
-    belong to a continuation it replaces). A fresh run continues none. Whatever is not continued stays on disk,
-    moved aside, so that a new run under an old name never erases a curve."""
+def _lineage(repo: ModelRepository, name: str, card: dict) -> list[int]:
+    """A version and the versions it was resumed from, newest first (as far as their cards remain)."""
+    versions = [card["version"]]
+    while isinstance(card.get("resumed_from"), int) and card["resumed_from"] not in versions:
+        versions.append(card["resumed_from"])
+        try:
+            card = repo.load_card(name, versions[-1])[0]
+        except ModelLoadError:  # a missing or unreadable ancestor only ends the walk
+            break
+    return versions
+
+
+def _continued_rows(path: Path, lineage: list[int]) -> tuple[list[dict], bool]:
+    """The rows of the CSV that a run continues: those up to the row of the newest version of its lineage that
+    has one (a version made from shards has none; later rows belong to a continuation it replaces). A fresh
+    run continues none. -> (rows, whether the file holds more: it is then moved aside before this run first
+    writes, so that a new run under an old name never erases a curve)."""
     rows = _prior_rows(path)
-    if not rows:
-        return []
-    ends = [i for i, r in enumerate(rows) if resumed_from is not None and r.get("version") == str(resumed_from)]
-    kept = rows[:ends[-1] + 1] if ends else []
-    if len(kept) < len(rows):
-        _move_aside(path, "a new run does not continue all of it")
-    return kept
+    for version in lineage:
+        ends = [i for i, r in enumerate(rows) if r.get("version") == str(version)]
+        if ends:
+            kept = rows[:ends[-1] + 1]
+            return kept, len(kept) < len(rows)
+    return [], bool(rows)
 
 
 def _move_aside(path: Path, why: str) -> None:
