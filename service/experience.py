@@ -121,8 +121,11 @@ class ExperienceLog:
 
     # --- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._room = asyncio.Event()  # set (from the writer thread) whenever it takes a chunk off the queue
+        try:
+            self._loop = asyncio.get_running_loop()
+            self._room = asyncio.Event()  # set (from the writer thread) whenever it takes a chunk off the queue
+        except RuntimeError:  # started outside an event loop (a script, a test): room() never waits then
+            pass
         self._writer.start()
         if self.flush_seconds > 0:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_every(), name="phalanx-experience")
