@@ -309,19 +309,25 @@ def test_clean_shutdown_writes_every_answered_step_of_every_rpc(service_repo, tm
     assert data.rows == answered
 
 
-def test_a_disk_that_falls_behind_slows_logging_requests_but_loses_nothing(tmp_path, monkeypatch):
-    """A writer one chunk behind (max_backlog 1) and a slow disk: requests wait in `room()` (counted), without
-    blocking the event loop, and every answered step reaches a shard."""
+def slow_disk(monkeypatch, before_each_write) -> None:
+    """The experience writer calls `before_each_write()` (a sleep, a wait) before each shard it writes."""
     import service.experience as experience
-    import time as time_module
 
     real_write = experience.write_shard
 
-    def slow_write(*args, **kw):
-        time_module.sleep(0.05)
+    def write(*args, **kw):
+        before_each_write()
         return real_write(*args, **kw)
 
-    monkeypatch.setattr(experience, "write_shard", slow_write)
+    monkeypatch.setattr(experience, "write_shard", write)
+
+
+def test_a_disk_that_falls_behind_slows_logging_requests_but_loses_nothing(tmp_path, monkeypatch):
+    """A writer one chunk behind (max_backlog 1) and a slow disk: requests wait in `room()` (counted), without
+    blocking the event loop, and every answered step reaches a shard."""
+    import time as time_module
+
+    slow_disk(monkeypatch, lambda: time_module.sleep(0.05))
 
     async def main():
         log, metrics = make_log(tmp_path, chunk_rows=4, max_backlog=1)
@@ -355,15 +361,8 @@ def test_a_thousand_requests_waiting_for_the_writer_do_not_starve_it(tmp_path, m
     import threading
     import time as time_module
 
-    import service.experience as experience
-
-    real_write, held = experience.write_shard, threading.Event()
-
-    def held_write(*args, **kw):
-        held.wait(30)
-        return real_write(*args, **kw)
-
-    monkeypatch.setattr(experience, "write_shard", held_write)
+    held = threading.Event()
+    slow_disk(monkeypatch, lambda: held.wait(30))
 
     async def main():
         log, _ = make_log(tmp_path, chunk_rows=1, max_backlog=1)
