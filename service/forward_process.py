@@ -42,7 +42,6 @@ import grpc
 import numpy as np
 
 from service.batcher import Outputs
-from service.model_holder import act_rows
 from service.validation import RequestError
 
 log = logging.getLogger(__name__)
@@ -87,6 +86,7 @@ class _Child:
 
         if threads:  # 0: torch's default
             torch.set_num_threads(threads)
+        self.torch = torch
         self.generator = torch.Generator().manual_seed(seed)
         self.models: dict[int, tuple] = {}
 
@@ -122,9 +122,13 @@ class _Child:
         at += rows * N
         unit = np.frombuffer(buf, np.int64, rows, at)
         greedy = np.frombuffer(buf, np.bool_, rows, at + rows * 8)
-        action, log_prob, value = act_rows(policy, graph, obs, mask, unit, greedy, self.generator)
-        return _pack(b"OUT_", rows, version, action.astype("<i8").tobytes() + log_prob.astype("<f4").tobytes()
-                     + value.astype("<f4").tobytes())
+        torch = self.torch
+        with torch.inference_mode():
+            out = policy.act(torch.from_numpy(obs), torch.from_numpy(mask), torch.from_numpy(unit),
+                             True if greedy.all() else torch.from_numpy(greedy), generator=self.generator,
+                             graph=graph, checked=True)
+        return _pack(b"OUT_", rows, version, out.action.numpy().astype("<i8").tobytes()
+                     + out.log_prob.numpy().astype("<f4").tobytes() + out.value.numpy().astype("<f4").tobytes())
 
 
 def child_main(fd: int, threads: int, seed: int) -> int:

@@ -54,34 +54,6 @@ class ServedModel:
     """The policy's serving graph (`Policy.serving_graph`); None: eager `act_graph` (tracing unavailable)."""
 
 
-def act_rows(policy: Policy, graph, obs: np.ndarray, mask: np.ndarray, unit: np.ndarray, greedy: np.ndarray,
-             generator: torch.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The served forward pass (both forward workers run it): `Policy.act`'s answer for validated rows,
-    obs (B, O) f32, mask (B, N) bool, unit (B,) i64, greedy (B,) bool -> action (B,) i64, log-prob and value
-    (B,) f32; but no row can make it raise for the whole batch.
-
-    A finite observation can still be too large for the network (every feature 3e38, say): its row's
-    log-probs come out NaN, and `torch.multinomial` refuses a batch holding such a row. Here that row samples
-    from its legal actions instead; the batcher then fails its request alone, because its outputs are not
-    finite (`service.batcher._usable`), so none of it is ever served or logged."""
-    with torch.inference_mode():
-        # An all-greedy batch (the usual case) is one call into the graph: each further torch op would drop and
-        # retake the GIL that the event loop is using, and under load those hand-offs cost more than the maths.
-        mask_t = torch.from_numpy(mask)
-        log_probs, action, log_prob, value = (graph or policy.act_graph)(torch.from_numpy(obs), mask_t,
-                                                                          torch.from_numpy(unit))
-        if not greedy.all():
-            probs = log_probs.exp()
-            total = probs.sum(1)
-            broken = ~(torch.isfinite(total) & (total > 0))
-            if bool(broken.any()):
-                probs[broken] = mask_t[broken].to(probs.dtype)
-            sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            action = torch.where(torch.from_numpy(greedy), action, sampled)
-            log_prob = log_probs.gather(1, action[:, None]).squeeze(1)
-    return action.numpy(), log_prob.numpy(), value.numpy()
-
-
 class ModelHolder:
     """Holds the served model. `current` is None until a version has loaded (requests get UNAVAILABLE)."""
 
@@ -126,8 +98,15 @@ class ModelHolder:
     def forward(self, obs: np.ndarray, mask: np.ndarray, unit: np.ndarray, greedy: np.ndarray) -> Outputs:
         """One batched forward pass on the current model (called by the batcher's worker thread)."""
         model = self.require()
-        action, log_prob, value = act_rows(model.policy, model.graph, obs, mask, unit, greedy, self._generator)
-        return Outputs(model.version, action, log_prob, np.exp(log_prob), value)
+        with torch.inference_mode():
+            # Every row was validated when its request arrived (service/validation.py). An all-greedy batch
+            # (the usual case) is one call into the graph: each further torch op would drop and retake the
+            # GIL that the event loop is using, and under load those hand-offs cost more than the maths.
+            out = model.policy.act(torch.from_numpy(obs), torch.from_numpy(mask), torch.from_numpy(unit),
+                                   True if greedy.all() else torch.from_numpy(greedy), generator=self._generator,
+                                   graph=model.graph, checked=True)
+        log_prob = out.log_prob.numpy()
+        return Outputs(model.version, out.action.numpy(), log_prob, np.exp(log_prob), out.value.numpy())
 
     # --- loading ----------------------------------------------------------------------------------------
     def load_initial(self) -> bool:

@@ -364,7 +364,14 @@ class Policy(nn.Module):
         log_probs, action, log_prob, value = (graph or self.act_graph)(obs, mask, unit)
         # sample only when some row asks for it (serving is mostly greedy: then the graph's answer stands)
         if greedy is not True and obs.shape[0] and not bool(greedy.all()):
-            sampled = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
+            probs = log_probs.exp()
+            # A finite observation can still be too large for the network: its row's probabilities come out NaN
+            # and multinomial would refuse the whole batch. That row samples among its legal actions instead;
+            # its log-prob and value stay non-finite, for the caller to refuse (the service fails it alone).
+            unusable = ~(torch.isfinite(probs.sum(1)) & (probs.sum(1) > 0))
+            if bool(unusable.any()):
+                probs[unusable] = mask[unusable].to(probs.dtype)
+            sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             action = torch.where(greedy, action, sampled)
             log_prob = log_probs.gather(1, action[:, None]).squeeze(1)
         return ActOutput(action, log_prob, value)
