@@ -188,29 +188,17 @@ _OPTIONAL_FLAGS = ("scenario", "envs", "rollout", "seed", "lr", "anneal_lr", "ga
                    "eval_episodes", "target_window", "metrics_addr")
 # What a resumed run takes from the stored one unless a flag says otherwise. Not its budget or stopping rule (this
 # run's own), nor the device and threads (this machine's).
-RESUMED_SETTINGS = ("scenario", "envs", "rollout", "seed", "lr", "anneal_lr", "gamma", "gae_lambda", "epochs",
-                    "minibatches", "clip_coef", "ent_coef", "ent_coef_final", "vf_coef", "max_grad_norm",
-                    "eval_every", "eval_episodes")
+RESUMED_SETTINGS = tuple(k for k in _OPTIONAL_FLAGS if k not in ("target_window", "metrics_addr"))
 
 
 def simulation_settings(args, card: dict) -> dict:
     """The learning settings of the last simulation run in a version's lineage. A version made from shards
     records offline settings (a constant bonus, V-trace iterations): follow `resumed_from` back to the run that
     learned in the simulator. {} when there is none, or the card predates the record."""
-    from trainer.repository import ModelLoadError, ModelRepository
+    from trainer.repository import ModelRepository
 
-    repo = ModelRepository(args.models)
-    seen = set()
-    while "offline" in card:
-        previous = card.get("resumed_from")
-        if not isinstance(previous, int) or previous in seen:
-            return {}
-        seen.add(previous)
-        try:
-            card, _, _ = repo.load_card(args.name, previous)
-        except ModelLoadError:  # that version is gone
-            return {}
-    return card.get("training") or {}
+    simulated = next((c for c in ModelRepository(args.models).lineage(args.name, card) if "offline" not in c), {})
+    return simulated.get("training") or {}
 
 
 def train_config_from_args(args) -> "TrainConfig":
@@ -256,12 +244,11 @@ def offline_config_from_args(args) -> "OfflineConfig":
     if online_only:
         raise TrainError(f"--from-shards learns from logged single unit-steps with a local critic and no "
                          f"environment; {', '.join(online_only)} applies to simulation training only")
-    given = {field: getattr(args, flag) for field, flag in (
-        ("iterations", "iterations"), ("critic_warmup", "critic_warmup"), ("epochs", "epochs"), ("minibatches", "minibatches"), ("lr", "lr"),
-        ("anneal_lr", "anneal_lr"), ("gamma", "gamma"), ("lam", "gae_lambda"), ("rho_bar", "rho_bar"),
-        ("c_bar", "c_bar"), ("clip_coef", "clip_coef"), ("ent_coef", "ent_coef"), ("vf_coef", "vf_coef"),
-        ("max_grad_norm", "max_grad_norm"), ("eval_episodes", "eval_episodes"), ("seed", "seed"))
-        if getattr(args, flag) is not None}
+    flags = {"lam": "gae_lambda"}  # OfflineConfig fields whose flag has another name
+    given = {field: getattr(args, flags.get(field, field)) for field in (
+        "iterations", "critic_warmup", "epochs", "minibatches", "lr", "anneal_lr", "gamma", "lam", "rho_bar", "c_bar",
+        "clip_coef", "ent_coef", "vf_coef", "max_grad_norm", "eval_episodes", "seed")
+        if getattr(args, flags.get(field, field)) is not None}
     return OfflineConfig(
         shards=tuple(args.from_shards), models=args.models, name=args.name, scenario=args.scenario,
         scenario_files=tuple(args.scenario_file), **architecture_from_args(args, OfflineConfig, stored_card(args)),

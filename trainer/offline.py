@@ -43,7 +43,8 @@ from torch import nn
 
 from trainer.config import OfflineConfig, TrainError, training_settings
 from trainer.policy import Policy
-from trainer.ppo import TrainResult, _prior_rows, _save, _write_csv, evaluate, ppo_loss, weights_finite
+from trainer.ppo import (TrainResult, _prior_rows, _save, _write_csv, evaluate, ppo_loss, prepare_outputs,
+                         weights_finite)
 from trainer.repository import ModelRepository
 from trainer.shards import read_shards
 from trainer.sim import load_scenario
@@ -168,11 +169,7 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
     samples = torch.nonzero(data_d["sample"]).squeeze(1)
     n = samples.shape[0]
     log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(cfg.models) / cfg.name / "logs"
-    try:
-        repo.prepare(cfg.name)
-        log_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrainError(str(e)) from None
+    prepare_outputs(repo, cfg.name, log_dir)
     csv_path = log_dir / f"{cfg.name}-{sc.name}-offline.csv"
     history: list[dict] = []
     prior = _prior_rows(csv_path)  # earlier offline runs of this name: the log grows, one block of rows a run
@@ -229,7 +226,8 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
                 for k, v in stats.items():
                     stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
         ratio = log_ratio[samples].exp()
-        row = {"run_started": started, "iteration": it + 1, "actor_learns": actor_learns, "minutes": round((time.perf_counter() - t0) / 60, 4), "lr": lr,
+        row = {"run_started": started, "iteration": it + 1, "actor_learns": actor_learns,
+               "minutes": round((time.perf_counter() - t0) / 60, 4), "lr": lr,
                **{k: round(v / (cfg.epochs * M), 6) for k, v in stat_sums.items()},
                "mean_ratio_to_behaviour": round(float(ratio.mean()), 6),
                "rho_truncated_fraction": round(float((ratio > cfg.rho_bar).float().mean()), 6),

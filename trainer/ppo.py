@@ -35,7 +35,7 @@ from torch import nn
 
 from trainer.config import ARCHITECTURE_FIELDS, TrainConfig, TrainError, training_settings
 from trainer.policy import Policy
-from trainer.repository import ModelLoadError, ModelRepository
+from trainer.repository import ModelRepository
 from trainer.sim import BattleSim, load_scenario
 
 
@@ -322,7 +322,7 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
     history: list[dict] = []  # this run's evaluations
     # A resumed run continues the stored run's curve (its rows up to the version resumed from), in steps, samples
     # and minutes (the card's, which count from the first run); a log it does not continue is moved aside.
-    lineage = _lineage(repo, cfg.name, loaded.card) if resumed_from is not None else []
+    lineage = [c["version"] for c in repo.lineage(cfg.name, loaded.card)] if resumed_from is not None else []
     prior, stale_log = _continued_rows(csv_path, lineage) if rank == 0 else ([], False)
     card = loaded.card if resumed_from is not None else {}
     # a version made from shards records no simulator samples or minutes: the curve's own last row does
@@ -330,11 +330,7 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
     minutes_before = float(card.get("minutes") or (prior[-1]["minutes"] if prior else 0.0))
     bar = None
     if rank == 0:
-        try:
-            repo.prepare(cfg.name)
-            log_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TrainError(str(e)) from None
+        prepare_outputs(repo, cfg.name, log_dir)
         if cfg.progress:
             from tqdm import tqdm
             bar = tqdm(total=budget_steps, unit="step", unit_scale=True, dynamic_ncols=True, file=sys.stderr,
@@ -551,6 +547,15 @@ def weights_finite(policy: Policy) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in policy.state_dict().values() if t.is_floating_point())
 
 
+def prepare_outputs(repo: ModelRepository, name: str, log_dir: Path) -> None:
+    """Make sure versions and logs can be written before a run spends its budget."""
+    try:
+        repo.prepare(name)
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(str(e)) from None
+
+
 def _save(repo: ModelRepository, name: str, policy: Policy, **kw) -> int:
     """repo.save, with a full disk or a vanished directory reported as what it is rather than a traceback."""
     try:
@@ -580,18 +585,6 @@ def _prior_rows(path: Path) -> list[dict]:
     except (OSError, ValueError, csv.Error) as e:
         _move_aside(path, f"cannot continue this log ({e})")
         return []
-
-
-def _lineage(repo: ModelRepository, name: str, card: dict) -> list[int]:
-    """A version and the versions it was resumed from, newest first (as far as their cards remain)."""
-    versions = [card["version"]]
-    while isinstance(card.get("resumed_from"), int) and card["resumed_from"] not in versions:
-        versions.append(card["resumed_from"])
-        try:
-            card = repo.load_card(name, versions[-1])[0]
-        except ModelLoadError:  # a missing or unreadable ancestor only ends the walk
-            break
-    return versions
 
 
 def _continued_rows(path: Path, lineage: list[int]) -> tuple[list[dict], bool]:

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -172,6 +173,19 @@ class ModelRepository:
         policy = policy_from_card(card, path / CARD_FILE, weights=path / WEIGHTS_FILE)
         load_weights(policy, path / WEIGHTS_FILE)
         return LoadedModel(policy.to(device).eval(), card, version, path)
+
+    def lineage(self, name: str, card: dict) -> Iterator[dict]:
+        """A version's card, then the cards of the versions it was resumed from, newest first, as far as they
+        remain readable (a missing ancestor, or a loop, ends it)."""
+        seen = {card["version"]}
+        yield card
+        while isinstance(card.get("resumed_from"), int) and card["resumed_from"] not in seen:
+            try:
+                card = self.load_card(name, card["resumed_from"])[0]
+            except ModelLoadError:
+                return
+            seen.add(card["version"])
+            yield card
 
     def load_card(self, name: str, version: int | None = None) -> tuple[dict, int, Path]:
         """A version's validated card, without touching its weights: (card, version, directory).
