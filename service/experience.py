@@ -18,14 +18,17 @@ event loop. A step's reward and done arrive with the NEXT request of the same un
 
 Bounded memory: completed steps fill a preallocated chunk of `chunk_rows` rows, handed to a writer thread when
 full (or every `flush_seconds`); at most `max_open` units wait for a reward - beyond it the stalest is evicted
-(counted): its waiting step is written with reward 0 and `truncated` set. At most `max_backlog` chunks wait for
-the writer: when the disk falls that far behind, requests that log experience wait for it before they are
-recorded (`await room()`: backpressure, without blocking the event loop), so nothing answered is dropped.
+(counted): its waiting step is written with reward 0 and `truncated` set. At most `max_backlog` finished chunks
+(default 1) are in the writer's hands and not yet on disk: a request that could fill the open chunk while they
+are waits for the writer before it is recorded (`await room(rows)`: backpressure, without blocking the event
+loop), so nothing answered is dropped, and serving slows to the disk's pace only when the disk is slower than
+the traffic.
 
 Durability: shards are written to `.tmp-*` and renamed into place (trainer/shards.py). `close()` (a clean
 shutdown) writes every completed step and every step still waiting for its reward (reward 0, `truncated`), so
-nothing the service answered is lost; a crash loses the open chunk and the (at most `max_backlog`) chunks the
-writer had not written yet.
+nothing the service answered is lost. A crash loses the open chunk and the chunk being written at that moment
+(if any): the open chunk cannot fill while the previous one is still unwritten, so that is at most two chunks'
+rows, and only a single request larger than a chunk can add to it.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ class ExperienceLog:
     `record_*` from it, and `await close()` once no more requests come."""
 
     def __init__(self, directory: str | Path, *, spec_source: Callable[[], Spec | None], metrics: ServiceMetrics,
-                 chunk_rows: int = 65536, max_open: int = 50000, flush_seconds: float = 60.0, max_backlog: int = 8):
+                 chunk_rows: int = 65536, max_open: int = 50000, flush_seconds: float = 60.0, max_backlog: int = 1):
         for name, value, low in (("chunk_rows", chunk_rows, 1), ("max_open", max_open, 1),
                                  ("max_backlog", max_backlog, 1)):
             if not isinstance(value, int) or value < low:
@@ -109,7 +112,10 @@ class ExperienceLog:
         self._buf: dict[str, np.ndarray] | None = None  # the open chunk's columns (allocated at its first row)
         self._games: dict[str, int] = {}  # the open chunk's game ids -> index
         self._n = 0  # rows in the open chunk
-        self._queue: queue.Queue = queue.Queue(max_backlog)
+        self.max_backlog = max_backlog
+        self._queue: queue.Queue = queue.Queue()  # bounded by room(): at most max_backlog chunks, bar one request's
+        self._unwritten = 0  # finished chunks handed to the writer and not yet written (or failed)
+        self._unwritten_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write_loop, name="phalanx-experience-writer", daemon=True)
         self._flusher: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -139,8 +145,8 @@ class ExperienceLog:
             self._flusher.cancel()
         while self._waiting:
             _, waiting = self._waiting.popitem(last=False)
-            self._complete(waiting, 0.0, False, truncated=True, final=True)
-        self._hand_off(final=True)
+            self._complete(waiting, 0.0, False, truncated=True)
+        self._hand_off()
         self.metrics.experience_open.set(0)
         if self._writer.ident is None:  # closed before start(): write what there is all the same
             self._writer.start()
@@ -150,26 +156,36 @@ class ExperienceLog:
     async def _flush_every(self) -> None:
         while True:
             await asyncio.sleep(self.flush_seconds)
-            await self.room()
+            await self.room(self.chunk_rows)
             self._hand_off()
 
-    async def room(self) -> None:
-        """Return once the writer can take one more finished chunk. The server awaits this right before each
-        `record_*` (nothing awaited in between, so the room is still there): when the disk is `max_backlog`
-        chunks behind, serving slows to the disk's pace instead of dropping what it answered. The wait is
-        counted in phalanx_experience_wait_seconds_total."""
-        if not self._queue.full() or self._room is None:
+    async def room(self, rows: int = 1) -> None:
+        """Return once a request of `rows` unit-steps can be recorded without handing the writer more than
+        `max_backlog` unwritten chunks. The server awaits this right before each `record_*` (nothing awaited in
+        between, so the room is still there). It waits only while the writer has `max_backlog` chunks in hand
+        and this request could fill the open chunk: then serving slows to the disk's pace instead of dropping
+        what it answered, or letting unwritten rows pile up for a crash to lose. The wait is counted in
+        phalanx_experience_wait_seconds_total."""
+        if self._room is None or not self._full(rows):
             return
         started = time.perf_counter()
         try:
-            while self._queue.full():
-                # Woken by the writer, not by polling: a thousand waiting requests polling the queue would keep
-                # the GIL from the very thread they wait for.
+            while self._full(rows):
+                # Woken by the writer, not by polling: a thousand waiting requests polling would keep the GIL
+                # from the very thread they wait for.
                 self._room.clear()
-                if self._queue.full():
+                if self._full(rows):
                     await self._room.wait()
         finally:
             self.metrics.experience_wait.inc(time.perf_counter() - started)
+
+    def _full(self, rows: int) -> bool:
+        """Whether recording `rows` unit-steps now could hand the writer one chunk too many. Each step completes
+        at most its unit's waiting step, plus one evicted step once `max_open` units wait."""
+        if self._unwritten < self.max_backlog:
+            return False
+        completes = rows + min(rows, max(0, len(self._waiting) + rows - self.max_open))
+        return self._n + completes >= self.chunk_rows
 
     # --- recording (event loop) ---------------------------------------------------------------------------
     def record_unit(self, request: pb.ActRequest, rows: Rows, out: Outputs) -> None:
@@ -232,7 +248,7 @@ class ExperienceLog:
             self._complete(stalest, 0.0, False, truncated=True)
         self.metrics.experience_open.set(len(self._waiting))
 
-    def _complete(self, w: _Waiting, reward: float, done: bool, *, truncated: bool, final: bool = False) -> None:
+    def _complete(self, w: _Waiting, reward: float, done: bool, *, truncated: bool) -> None:
         """Put a finished step into the open chunk (handing the chunk to the writer when it is full)."""
         if self._buf is None:
             self._buf = {name: np.empty(self.chunk_rows, dtype) for name, dtype in _COLUMNS}
@@ -240,8 +256,8 @@ class ExperienceLog:
             self._buf["mask"] = np.empty((self.chunk_rows, w.mask.shape[0]), bool)
         b, i = self._buf, self._n
         if w.obs.shape[0] != b["obs"].shape[1] or w.mask.shape[0] != b["mask"].shape[1]:
-            self._hand_off(final=final)  # a different spec (cannot happen within one run): start a new chunk
-            return self._complete(w, reward, done, truncated=truncated, final=final)
+            self._hand_off()  # a different spec (cannot happen within one run): start a new chunk
+            return self._complete(w, reward, done, truncated=truncated)
         game = self._games.setdefault(w.game_id, len(self._games))
         b["obs"][i], b["mask"][i] = w.obs, w.mask
         b["episode_id"][i], b["unit_id"][i], b["trajectory"][i], b["step"][i] = (w.episode_id, w.unit_id,
@@ -253,10 +269,10 @@ class ExperienceLog:
         if truncated:
             self.metrics.experience_truncated.inc()
         if self._n == self.chunk_rows:
-            self._hand_off(final=final)
+            self._hand_off()
 
-    def _hand_off(self, final: bool = False) -> None:
-        """Give the open chunk to the writer thread (never blocks the event loop, except at close)."""
+    def _hand_off(self) -> None:
+        """Give the open chunk to the writer thread."""
         if self._n == 0 or self._buf is None:
             return
         b, n = self._buf, self._n
@@ -270,36 +286,35 @@ class ExperienceLog:
         spec_name, spec_hash = (spec.spec_name, spec.spec_hash) if spec is not None else ("", "")
         self._shard_seq += 1
         name = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{self.run_id}-{self._shard_seq:06d}"
-        item = (chunk, spec_name, spec_hash, name)
-        if final:
-            self._queue.put(item)  # shutting down: wait for room rather than lose it
-            return
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            # Only when one request fills more than one chunk after room() (a frame larger than chunk_rows, or
-            # one whose evictions add as many rows again): wait for the writer here, blocking the loop for as
-            # long as one shard takes to write, rather than lose the chunk.
-            log.warning("experience log: the writer is %d chunks behind; waiting for it", self._queue.maxsize)
-            self._queue.put(item)
+        with self._unwritten_lock:
+            self._unwritten += 1
+        # Never blocks: room() has kept the writer's backlog at max_backlog (a request larger than a chunk, or
+        # the final flush at close, can go past it; their rows are in memory already).
+        self._queue.put_nowait((chunk, spec_name, spec_hash, name))
 
     # --- writing (writer thread) ----------------------------------------------------------------------------
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
-            if self._room is not None:  # a slot is free again: wake the requests waiting in room()
-                with contextlib.suppress(RuntimeError):  # the loop is gone (the process is ending)
-                    self._loop.call_soon_threadsafe(self._room.set)
-            chunk, spec_name, spec_hash, name = item
-            n = chunk.action.shape[0]
             try:
-                table = chunk_table(chunk, spec_name=spec_name, spec_hash=spec_hash, run_id=self.run_id)
-                path = write_shard(self.directory, name, table)
-            except Exception:  # noqa: BLE001 - a full disk must not stop the service
-                self.metrics.experience_dropped.labels("write_failed").inc(n)
-                log.exception("experience log: writing shard %s (%d rows) to %s failed", name, n, self.directory)
-                continue
-            self.rows_written += n
-            self.shards_written += 1
-            self.metrics.experience_rows.inc(n)
-            self.metrics.experience_shards.inc()
-            log.debug("experience log: wrote %s (%d rows)", path, n)
+                self._write(*item)
+            finally:
+                with self._unwritten_lock:
+                    self._unwritten -= 1
+                if self._room is not None:  # wake the requests waiting in room()
+                    with contextlib.suppress(RuntimeError):  # the loop is gone (the process is ending)
+                        self._loop.call_soon_threadsafe(self._room.set)
+
+    def _write(self, chunk: Chunk, spec_name: str, spec_hash: str, name: str) -> None:
+        n = chunk.action.shape[0]
+        try:
+            table = chunk_table(chunk, spec_name=spec_name, spec_hash=spec_hash, run_id=self.run_id)
+            path = write_shard(self.directory, name, table)
+        except Exception:  # noqa: BLE001 - a full disk must not stop the service
+            self.metrics.experience_dropped.labels("write_failed").inc(n)
+            log.exception("experience log: writing shard %s (%d rows) to %s failed", name, n, self.directory)
+            return
+        self.rows_written += n
+        self.shards_written += 1
+        self.metrics.experience_rows.inc(n)
+        self.metrics.experience_shards.inc()
+        log.debug("experience log: wrote %s (%d rows)", path, n)

@@ -228,7 +228,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             rows = frame_rows(request, self.holder.require())
             out = await self.batcher.submit(rows, _deadline(context))
             if self.experience is not None:
-                await self.experience.room()  # a disk behind holds the answer back (nothing awaited after it)
+                await self.experience.room(len(rows.unit))  # a disk behind holds the answer back (nothing awaited after)
         except RequestError as e:
             self.metrics.answered("ActBatch", e.code, time.perf_counter() - start)
             await context.abort(e.code, e.message)
