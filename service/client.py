@@ -185,9 +185,11 @@ class Client:
         reply = self._call(stub.Check, health_pb2.HealthCheckRequest(), timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
-    def stream(self, *, timeout: float | None = None) -> "ActStream":
-        """Open one long-lived ActStream (no deadline unless `timeout`)."""
-        return ActStream(self.stub, self.metadata, timeout)
+    def stream(self, *, timeout: float | None = None, answer_timeout: float | None = None) -> "ActStream":
+        """Open one long-lived ActStream. `timeout`: deadline of the whole stream; `answer_timeout`: longest one
+        `recv()` waits for its answer (then the stream is cancelled: StreamError DEADLINE_EXCEEDED). None: no
+        limit (the defaults)."""
+        return ActStream(self.stub, self.metadata, timeout, answer_timeout)
 
     def close(self) -> None:
         self.channel.close()
@@ -205,9 +207,12 @@ _END = object()
 class ActStream:
     """A blocking ActStream: `send(request)` then `recv()` answers in order; `act_many` does both."""
 
-    def __init__(self, stub: pb_grpc.InferenceStub, metadata, timeout: float | None):
+    def __init__(self, stub: pb_grpc.InferenceStub, metadata, timeout: float | None,
+                 answer_timeout: float | None = None):
         self._outbox: queue.Queue = queue.Queue()
         self._responses = stub.ActStream(iter(self._outbox.get, _END), timeout=timeout, metadata=metadata)
+        self.answer_timeout = answer_timeout
+        self._expired = False
         self._next_id = 0
         self._lock = threading.Lock()
 
@@ -222,12 +227,31 @@ class ActStream:
 
     def recv(self) -> pb.ActResponse:
         """The next answer (in request order); an errored one raises StreamError."""
-        resp = next(self._responses, None)
+        timer = None
+        if self.answer_timeout is not None:
+            timer = threading.Timer(self.answer_timeout, self._expire)
+            timer.daemon = True
+            timer.start()
+        try:
+            resp = next(self._responses, None)
+        except grpc.RpcError:
+            if self._expired:
+                raise StreamError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {self.answer_timeout} s "
+                                                                     "(answer_timeout); the stream is cancelled") from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         if resp is None:
             raise StreamError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream (draining?): reopen one")
         if resp.HasField("error"):
             raise StreamError(status_code(resp.error.code), resp.error.message)
         return resp
+
+    def _expire(self) -> None:
+        # A late answer would be taken for the next request's: the stream cannot go on.
+        self._expired = True
+        self._responses.cancel()
 
     def act_many(self, requests: Iterable[pb.ActRequest]) -> list[pb.ActResponse]:
         """Send all, then read as many answers: pipelined on the one stream."""

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -704,6 +705,34 @@ def test_play_over_a_stream_ends_with_one_line_when_the_server_fails_it(capsys, 
     err = capsys.readouterr().err
     assert code == 1 and err.startswith(f"phalanx play: 127.0.0.1:{port}: {words}"), err
     assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
+
+
+def test_the_sync_client_stream_gives_up_on_an_answer_after_answer_timeout():
+    """A stream whose server never answers: recv() raises DEADLINE_EXCEEDED after answer_timeout instead of
+    blocking the game loop forever, and the stream is cancelled (a late answer would be taken for the next)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scenario = load_scenario("3m")
+    fake = _MisbehavingStreams(scenario, "silent")
+    pool = ThreadPoolExecutor(4)
+    server = grpc.server(pool)
+    pb_grpc.add_InferenceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", retries=0) as client:
+            stream = client.stream(answer_timeout=0.3)
+            stream.send(act_request(np.zeros(scenario.obs_size, np.float32), np.ones(scenario.n_actions, bool), 0))
+            started = time.perf_counter()
+            with pytest.raises(StreamError) as raised:
+                stream.recv()
+            waited = time.perf_counter() - started
+    finally:
+        fake.release.set()
+        server.stop(0).wait(10)
+        pool.shutdown(wait=True)
+    assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "answer_timeout" in str(raised.value)
+    assert 0.3 <= waited < 5
 
 
 def test_phalanx_health_and_scenarios_do_not_load_torch():
