@@ -106,3 +106,31 @@ def test_a_rank_that_cannot_start_stops_every_rank_at_once(tmp_path):
     assert f"--metrics-port {port}: cannot listen" in stderr
     assert "rank 1 stops: another rank could not start" in stderr
     assert not (tmp_path / "models" / "x").exists()
+
+
+def test_a_gpu_process_group_also_carries_the_cpu_tensors_the_ranks_agree_on(tmp_path):
+    """On GPU the group is nccl for the gradients, and nccl alone refuses CPU tensors: the start-up check and the
+    lr/stop broadcast would fail at the first collective. The GPU backend string must name a CPU backend as well.
+    No nccl here: a one-rank group with nccl swapped for gloo runs what a GPU run's CPU collectives run."""
+    from trainer.ppo import all_ranks_ready, process_group_backend
+
+    backend = process_group_backend("cuda:0")
+    assert "cpu:gloo" in backend.split(",") and "cuda:nccl" in backend.split(",")
+    assert process_group_backend("cpu") == "gloo"
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group(backend.replace("cuda:nccl", "cuda:gloo"), store=store, rank=0, world_size=1)
+    try:
+        assert all_ranks_ready(True) and not all_ranks_ready(False)
+        control = torch.tensor([0.5, 1.0], dtype=torch.float64)
+        dist.broadcast(control, 0)
+        assert control.tolist() == [0.5, 1.0]
+        dist.barrier()  # leave_process_group's
+    finally:
+        dist.destroy_process_group()
+    # what nccl alone would do with them (a CUDA-only group; gloo standing in for nccl)
+    dist.init_process_group("cuda:gloo", store=dist.FileStore(str(tmp_path / "store2"), 1), rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError):
+            all_ranks_ready(True)
+    finally:
+        dist.destroy_process_group()

@@ -209,6 +209,12 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def process_group_backend(device: str) -> str:
+    """gloo on CPU; on GPU nccl for CUDA tensors (the gradients) and gloo beside it for the few small CPU
+    tensors the ranks agree on (start-up, the lr/stop broadcast): an nccl-only group refuses CPU tensors."""
+    return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+
+
 def setup_distributed(device: str) -> tuple[int, int, str]:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on GPU.
     Returns (rank, world_size, device), the device pinned to LOCAL_RANK on GPU."""
@@ -216,7 +222,7 @@ def setup_distributed(device: str) -> tuple[int, int, str]:
     if world <= 1:
         return 0, 1, device
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(process_group_backend(device))
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
