@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -25,7 +26,7 @@ from service.batcher import Outputs
 from service.metrics import ServiceMetrics
 from service.validation import RequestError
 from trainer.policy import Policy
-from trainer.repository import ModelLoadError, ModelRepository
+from trainer.repository import ModelLoadError, ModelRepository, ModelUnreadable
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,10 @@ class ModelHolder:
         self.metrics = metrics
         self.current: ServedModel | None = None
         self.reloads = 0  # versions swapped in after the first
-        self.refused: dict[int, str] = {}  # version -> why it was refused (never retried: versions are immutable)
+        self.refused: dict[int, str] = {}  # version -> why it was refused
+        # The files a refusal judged: a version is tried again only once they change (an operator fixing it in
+        # place, or finishing a copy that was not atomic); a published version never changes, so polls skip it.
+        self._refused_files: dict[int, tuple | None] = {}
         # Called in the loading thread with a validated version before it is swapped in (the forward worker
         # process loads it then); raising keeps the old version serving, and the version is tried again later.
         self.before_swap = before_swap
@@ -117,7 +121,7 @@ class ModelHolder:
             else:
                 candidates = sorted(self.repository.versions(self.name), reverse=True)
             for version in candidates:
-                if version in self.refused:
+                if self._still_refused(version):
                     continue
                 if self._try(version):
                     return True
@@ -135,13 +139,13 @@ class ModelHolder:
             versions = self.repository.versions(self.name)
             newer = [v for v in versions if v > served]
             # newest first; an older one still gets its turn when the newest is refused (say, below the bar)
-            if any(self._try(v) for v in sorted(newer, reverse=True) if v not in self.refused):
+            if any(self._try(v) for v in sorted(newer, reverse=True) if not self._still_refused(v)):
                 return True
             if served in versions:
                 return False
             # The operator removed the served version (how a bad one is rolled back): serve the newest that is
             # left. If none passes, the removed one keeps serving from memory rather than nothing at all.
-            older = [v for v in versions if v < served and v not in self.refused]
+            older = [v for v in versions if v < served and not self._still_refused(v)]
             if self._removed_warned != served:
                 self._removed_warned = served
                 log.warning("model %s: version %d was removed from the repository; rolling back to the newest "
@@ -149,19 +153,23 @@ class ModelHolder:
             return any(self._try(v) for v in sorted(older, reverse=True))
 
     def _try(self, version: int) -> bool:
+        files = self._files(version)
         try:
             model = self._prepare(version)
         except BelowBarError as e:  # not a fault: counted apart from the reload failures that page someone
-            self.refused[version] = str(e)
+            self._refuse(version, str(e), files)
             self.metrics.versions_below_bar.inc()
             log.info("model %s version %d not served: %s", self.name, version, e)
             return False
-        except (ModelLoadError, IncompatibleModelError, ValueError, RuntimeError) as e:
-            self.refused[version] = str(e)
+        except ModelUnreadable as e:  # the disk, not the version: tried again at the next poll
             self.metrics.reload_failures.inc()
-            where = (f"still serving version {self.current.version}" if self.current is not None
-                     else "no model served yet")
-            log.error("model %s version %d refused (%s): %s", self.name, version, where, e)
+            log.error("model %s version %d could not be read (%s); will retry: %s", self.name, version,
+                      self._where(), e)
+            return False
+        except (ModelLoadError, IncompatibleModelError, ValueError, RuntimeError) as e:
+            self._refuse(version, str(e), files)
+            self.metrics.reload_failures.inc()
+            log.error("model %s version %d refused (%s): %s", self.name, version, self._where(), e)
             return False
         if self.before_swap is not None:
             try:
@@ -182,6 +190,32 @@ class ModelHolder:
             log.info("model %s: serving version %d (spec %s, hash %s)", self.name, model.version,
                      model.spec_name, model.spec_hash)
         return True
+
+    def _where(self) -> str:
+        return f"still serving version {self.current.version}" if self.current is not None else "no model served yet"
+
+    def _files(self, version: int) -> tuple | None:
+        """(name, size, mtime) of each file of a stored version; None when the directory cannot be listed."""
+        try:
+            with os.scandir(self.repository.root / self.name / str(version)) as entries:
+                return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries))
+        except OSError:
+            return None
+
+    def _refuse(self, version: int, why: str, files: tuple | None) -> None:
+        self.refused[version] = why
+        self._refused_files[version] = files
+
+    def _still_refused(self, version: int) -> bool:
+        """Whether `version` was refused and its files are as they were then."""
+        if version not in self.refused:
+            return False
+        files = self._files(version)
+        if files is not None and files == self._refused_files.get(version):
+            return True
+        log.info("model %s version %d changed on disk since it was refused; trying it again", self.name, version)
+        del self.refused[version], self._refused_files[version]
+        return False
 
     def _prepare(self, version: int) -> ServedModel:
         """Load, validate and warm one version off the request path."""

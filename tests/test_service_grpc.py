@@ -428,6 +428,50 @@ def test_hot_reload_picks_up_a_new_version_and_refuses_corrupt_and_incompatible_
     assert (reloads, failures, gauge, info_version) == (1, 2, 2, 2)
 
 
+def test_a_refused_version_is_tried_again_once_fixed_and_a_read_error_refuses_nothing(service_repo, monkeypatch):
+    """Version 2 arrives with garbage weights (a copy that was not atomic) and is refused; once its files are
+    fixed in place it is served without a restart. Version 3 first meets an I/O error (a network volume's
+    hiccup): that is no verdict on the version, which is served at a later poll."""
+    from trainer.repository import ModelUnreadable
+
+    root, scenario, _ = service_repo
+    repo = ModelRepository(root)
+    obs, mask, _ = sim_inputs(scenario, games=1, steps=1)
+    real_load, hiccups = ModelRepository.load, []
+
+    def load(self, name, version=None):
+        if version == 3 and not hiccups:
+            hiccups.append(version)
+            raise ModelUnreadable(f"{self.root}/{name}/3/weights.safetensors: cannot read weights: [Errno 5] "
+                                  "Input/output error")
+        return real_load(self, name, version)
+
+    monkeypatch.setattr(ModelRepository, "load", load)
+
+    async def main():
+        async with serving(root, poll_seconds=0.02) as running, AsyncClient(running.address) as client:
+            # an operator copies version 2 in by hand, not atomically: the service sees half the weights
+            good = (root / "m" / "1" / "weights.safetensors").read_bytes()
+            (root / "m" / "2").mkdir()
+            weights = root / "m" / "2" / "weights.safetensors"
+            weights.write_bytes(good[: len(good) // 2])
+            (root / "m" / "2" / "card.json").write_text(
+                (root / "m" / "1" / "card.json").read_text().replace('"version": 1', '"version": 2'))
+            await wait_until(lambda: 2 in running.holder.refused, "version 2 to be refused")
+            failures = running.metrics.reload_failures._value.get()
+            await asyncio.sleep(0.1)  # polls skip it while its files are unchanged
+            assert running.holder.current.version == 1 and running.metrics.reload_failures._value.get() == failures
+            weights.write_bytes(good)
+            await wait_until(lambda: running.holder.current.version == 2, "fixed version 2 to be served")
+            repo.save("m", Policy.for_scenario(scenario, critic="local"), scenario=scenario, step=20,
+                      eval_win_rate=0.5)
+            await wait_until(lambda: running.holder.current.version == 3, "version 3 to be served after a hiccup")
+            return (await client.act(obs[0], mask[0], 0)).model_version, dict(running.holder.refused)
+
+    served, refused = asyncio.run(main())
+    assert served == 3 and hiccups == [3] and refused == {}
+
+
 def test_a_win_rate_bar_serves_only_versions_whose_evaluation_reached_it(service_repo):
     root, scenario, _ = service_repo  # version 1: no evaluation on its card
     repo = ModelRepository(root)

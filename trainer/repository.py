@@ -48,6 +48,11 @@ class ModelLoadError(Exception):
     """A stored model is missing, incomplete or inconsistent; the message says what and where."""
 
 
+class ModelUnreadable(ModelLoadError):
+    """A stored model's file could not be read (an I/O error): no verdict on the model itself, so worth another
+    try (a network volume's hiccup)."""
+
+
 @dataclass
 class LoadedModel:
     policy: Policy
@@ -220,8 +225,10 @@ def read_card(path: Path) -> dict:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: card file is missing") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: cannot read card: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{path}: card is not UTF-8 text: {e}") from None
+    except OSError as e:
+        raise ModelUnreadable(f"{path}: cannot read card: {e}") from None
     try:
         card = json.loads(text)
     except json.JSONDecodeError as e:
@@ -295,7 +302,7 @@ def load_weights(policy: Policy, path: Path) -> None:
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: weights file is missing") from None
     except OSError as e:
-        raise ModelLoadError(f"{path}: cannot read weights: {e}") from None
+        raise ModelUnreadable(f"{path}: cannot read weights: {e}") from None
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
