@@ -28,7 +28,8 @@ Durability: shards are written to `.tmp-*` and renamed into place (trainer/shard
 shutdown) writes every completed step and every step still waiting for its reward (reward 0, `truncated`), so
 nothing the service answered is lost. A crash loses the open chunk and the chunk being written at that moment
 (if any): the open chunk cannot fill while the previous one is still unwritten, so that is at most two chunks'
-rows, and only a single request larger than a chunk can add to it.
+rows, and only a single request larger than a chunk can add to it. Steps still waiting for their reward are
+not rows yet: a crash loses those too (one per live unit, at most `max_open`).
 """
 
 from __future__ import annotations

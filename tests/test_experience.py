@@ -126,9 +126,13 @@ def test_shards_are_written_atomically_and_carry_their_metadata(tmp_path, monkey
         assert arrow_schema.field("mask").type == pa.list_(pa.bool_(), N)
         assert pq.read_table(f).num_rows == meta["rows"] == 4
 
-    # a writer that fails half-way leaves no file under a .parquet name (and no temporary file) behind
+    # a writer that fails half-way leaves no file under a .parquet name (and no temporary file) behind; while it
+    # writes, its half file matches no *.parquet glob (pathlib's, and readers' that take dot files)
+    mid_write = []
+
     def broken(table, where, **kw):
         where.write(b"PAR1 half a file")
+        mid_write.append(sorted(directory.glob("*.parquet")))
         raise OSError("disk full")
 
     log2, metrics2 = make_log(tmp_path, chunk_rows=2)
@@ -136,7 +140,7 @@ def test_shards_are_written_atomically_and_carry_their_metadata(tmp_path, monkey
     unit_step(log2, "game-0", 0, 0)
     unit_step(log2, "game-0", 0, 1, prev_reward=1.0)
     asyncio.run(log2.close())
-    assert sorted(directory.iterdir()) == files
+    assert sorted(directory.iterdir()) == files and mid_write == [files]
     assert counter(metrics2, "phalanx_experience_dropped_rows_total", {"reason": "write_failed"}) == 2
 
 

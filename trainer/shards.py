@@ -22,8 +22,8 @@ Spark). Columns (O = obs_size, N = n_actions of the spec):
     spec_hash      string (dictionary)   the observation/action spec's content hash
 
 File metadata (Arrow schema metadata, key `phalanx.experience`): JSON with format, spec_name, spec_hash, obs_size,
-n_actions, run_id, rows, created. Files are written to `.tmp-*` and renamed into place, so a directory never holds
-half a shard under a `.parquet` name. Reading never runs code (no pickle): `read_shards` checks every file's
+n_actions, run_id, rows, created. Files are written to `.tmp-*.partial` and renamed into place, so a directory never holds
+half a shard under a `.parquet` name (a crash mid-write leaves a `.partial` file no `*.parquet` glob picks up). Reading never runs code (no pickle): `read_shards` checks every file's
 metadata, schema and values and raises `ShardError` naming the file and the rule.
 """
 
@@ -132,11 +132,12 @@ def chunk_table(chunk: Chunk, *, spec_name: str, spec_hash: str, run_id: str) ->
 
 
 def write_shard(directory: str | os.PathLike, name: str, table: pa.Table) -> Path:
-    """Write `table` to `<directory>/<name>.parquet` atomically (a `.tmp-*` file, fsync, rename); returns the path."""
+    """Write `table` to `<directory>/<name>.parquet` atomically (a `.tmp-*.partial` file, fsync, rename); returns the
+    path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{name}{SUFFIX}"
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{name}-", suffix=SUFFIX, dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{name}-", suffix=".partial", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             make_public(tmp)
