@@ -150,6 +150,14 @@ def _corrupt(path, how, policy):
     elif how == "huge-architecture":  # building it first would take the machine's memory, or minutes
         card["architecture"]["hidden"] = 10_000_000
         card_path.write_text(json.dumps(card))
+    elif how == "huge-groups":  # one network per type: a loader built 10^6 of them before any shape check
+        card["architecture"]["sharing"] = card["sharing"] = "per-type"
+        card["architecture"]["agent_type_ids"] = [0] * (card["architecture"]["n_agents"] - 1) + [1_000_000]
+        card_path.write_text(json.dumps(card))
+    elif how == "huge-army":  # independent with 10^9 slots: the type list alone would take the memory
+        card["architecture"].update(n_agents=1_000_000_000, agent_type_ids=None, sharing="independent")
+        card["spec"]["n_agents"], card["sharing"] = 1_000_000_000, "independent"
+        card_path.write_text(json.dumps(card))
     elif how == "pickle":
         torch.save(tensors, weights)  # a pickle file posing as weights must be refused, not unpickled
     else:
@@ -164,6 +172,8 @@ def _corrupt(path, how, policy):
     ("spec-mismatch", "spec obs_size"), ("bad-architecture", "architecture is invalid"),
     ("sharing-mismatch", "card sharing"),
     ("huge-architecture", r"actor_in.weight has shape \(1, \d+, 16\), the card's architecture needs"),
+    ("huge-groups", r"agent_type_ids must list one type index per agent \(3\), each in 0..2"),
+    ("huge-army", "n_agents must be at most 1024"),
 ])
 def test_corrupt_models_raise_model_load_error(repo, sc, how, message):
     policy = make(sc)

@@ -138,6 +138,11 @@ class ValueNorm(nn.Module):
         return x * std + mean
 
 
+# Units one network drives; far above any scenario (SMAC's largest has 27), and it bounds what a corrupt card can
+# make a loader build (one set of weights per unit in independent mode).
+MAX_AGENTS = 1024
+
+
 class Policy(nn.Module):
     """Actor over one unit's observation (masked softmax over its actions) plus a central or local critic.
 
@@ -155,14 +160,16 @@ class Policy(nn.Module):
                 raise ValueError(f"{field} must be a positive integer, got {value!r}")
         if n_actions < 2:
             raise ValueError(f"n_actions must be >= 2, got {n_actions}")
+        if n_agents > MAX_AGENTS:
+            raise ValueError(f"n_agents must be at most {MAX_AGENTS}, got {n_agents}")
         if sharing not in SHARING_MODES:
             raise ValueError(f"sharing must be one of {', '.join(SHARING_MODES)}; got {sharing!r}")
         if critic not in CRITICS:
             raise ValueError(f"critic must be one of {', '.join(CRITICS)}; got {critic!r}")
         type_ids = [0] * n_agents if agent_type_ids is None else [int(t) for t in agent_type_ids]
-        if len(type_ids) != n_agents or min(type_ids) < 0:
-            raise ValueError(f"agent_type_ids must list one non-negative type index per agent ({n_agents}), "
-                             f"got {list(type_ids)!r}")
+        if len(type_ids) != n_agents or min(type_ids) < 0 or max(type_ids) >= n_agents:
+            raise ValueError(f"agent_type_ids must list one type index per agent ({n_agents}), each in "
+                             f"0..{n_agents - 1}; got {list(type_ids)!r}"[:300])
         self.obs_size, self.state_size, self.n_actions, self.n_agents = obs_size, state_size, n_actions, n_agents
         self.agent_type_ids = type_ids
         self.n_types = max(type_ids) + 1
