@@ -221,6 +221,18 @@ def test_pettingzoo_episode_plays_to_the_end():
     assert last["episode_return"] == pytest.approx(total, abs=1e-4)
 
 
+def test_pettingzoo_step_names_an_active_agent_left_without_an_action():
+    from trainer.sim.pettingzoo_env import parallel_env
+
+    env = parallel_env("3m")
+    obs, _ = env.reset(seed=3)
+    acts = {a: int(torch.tensor(obs[a]["action_mask"]).nonzero()[-1]) for a in ("agent_0", "agent_2")}
+    with pytest.raises(KeyError, match=r"no action for active agent\(s\) \['agent_1'\]"):
+        env.step(acts)
+    acts["agent_1"] = 1  # stop: the same step goes through once every agent has an action
+    env.step(acts)
+
+
 def phalanx(*args):
     return subprocess.run([sys.executable, "-m", "service", *args], capture_output=True, text=True, timeout=120)
 

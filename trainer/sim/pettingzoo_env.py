@@ -77,6 +77,10 @@ class PhalanxParallelEnv(ParallelEnv):
             if agent not in self.agents:
                 raise KeyError(f"{agent!r} is not an active agent (active: {self.agents})")
             joint[0, index[agent]] = int(action)
+        missing = [a for a in self.agents if a not in actions]
+        if missing:  # filling them in with no-op would fail as an illegal action the caller never sent
+            raise KeyError(f"no action for active agent(s) {missing}: step() takes one for every agent in "
+                           f"env.agents")
         out = self._sim.step(joint)
         self._out = out
         done = bool(out.done[0])
