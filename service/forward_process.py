@@ -12,14 +12,18 @@ access to the model repository needed) and the sampling generator. One socket, l
 strictly one request -> one reply at a time:
 
     header = kind (4 bytes), a (uint32), b (uint32), payload length (uint64); little-endian
-    LOAD   a = version; payload = config length (uint32) + config JSON + safetensors   -> OKAY | FAIL
+    LOAD   a = version; payload = config length (uint32) + config JSON + safetensors
+           -> OKAY (the child builds it in a thread meanwhile) | FAIL
+    POLL   a = version   -> WAIT (still building) | OKAY (loaded: RUNs may name it) | FAIL
     RUN    a = rows, b = version; payload = obs (rows x O f32) + mask (rows x N u8) + unit (rows i64)
            + greedy (rows u8)   -> OUT_ a = rows; payload = action (i64) + log_prob (f32) + value (f32) | FAIL
     FAIL   payload = UTF-8 message
 
 Versions are loaded ahead of the swap (the model holder calls `preload` while it prepares a version, off
-the request path) and every RUN names the version that must answer it. Both sides keep the two versions
-loaded or used most recently (the same rule applied to the same sequence of messages, so they agree on
+the request path) and every RUN names the version that must answer it. Building a network and its serving
+graph takes the child tens of milliseconds (more for large independent armies), so it builds in a thread and
+the server polls for it between batches: forward passes of the serving version go on meanwhile. Both sides
+keep the two versions loaded (the moment POLL says OKAY) or used most recently (the same rule applied to the same sequence of messages, so they agree on
 what the child holds): the one serving and the one about to replace it, whatever their numbers, since a
 rollback swaps in an older version.
 If the child dies, the batch in flight fails with UNAVAILABLE and the next batch starts a new child.
@@ -37,6 +41,7 @@ import struct
 import subprocess
 import signal
 import sys
+import threading
 
 import grpc
 import numpy as np
@@ -48,6 +53,7 @@ log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<4sQQQ")  # kind, two numbers (rows, version: unbounded integers), payload length
 KEEP_VERSIONS = 2  # the one serving and the one about to replace it
+LOAD_POLL_SECONDS = 0.005  # how often the server asks whether a version being built is ready
 
 
 def _keep_recent(models: dict, version: int, value) -> None:
@@ -89,21 +95,44 @@ class _Child:
         self.torch = torch
         self.generator = torch.Generator().manual_seed(seed)
         self.models: dict[int, tuple] = {}
+        self.loading: dict[int, tuple[threading.Thread, list]] = {}  # version -> (builder, [its result])
 
     def load(self, version: int, payload: bytes) -> bytes:
+        """Start building `version` in a thread: RUNs of the versions already here go on meanwhile."""
+        result: list = []
+        builder = threading.Thread(target=self._build, args=(payload, result), name=f"load-{version}", daemon=True)
+        self.loading[version] = (builder, result)
+        builder.start()
+        return _pack(b"OKAY")
+
+    def _build(self, payload: bytes, result: list) -> None:
         from safetensors.torch import load as st_load
 
         from trainer.policy import Policy
 
-        (n,) = struct.unpack_from("<I", payload)
-        policy = Policy.from_config(json.loads(payload[4:4 + n]))
-        policy.load_state_dict(st_load(payload[4 + n:]))
-        policy.eval()
-        try:  # made and checked here as in the holder (a graph does not cross the socket)
-            graph = policy.serving_graph()
-        except Exception:  # noqa: BLE001 - the eager graph gives the same answers, only slower
-            graph = None
-        _keep_recent(self.models, version, (policy, graph))
+        try:
+            (n,) = struct.unpack_from("<I", payload)
+            policy = Policy.from_config(json.loads(payload[4:4 + n]), init_weights=False)  # all of them come next
+            policy.load_state_dict(st_load(payload[4 + n:]))
+            policy.eval()
+            try:  # made and checked here as in the holder (a graph does not cross the socket)
+                graph = policy.serving_graph()
+            except Exception:  # noqa: BLE001 - the eager graph gives the same answers, only slower
+                graph = None
+            result.append((policy, graph))
+        except Exception as e:  # noqa: BLE001 - the server hears about it at its next POLL
+            result.append(e)
+
+    def poll(self, version: int) -> bytes:
+        if version not in self.loading:
+            raise KeyError(f"version {version} is not being loaded here")
+        builder, result = self.loading[version]
+        if builder.is_alive():
+            return _pack(b"WAIT")
+        del self.loading[version]
+        if isinstance(result[0], Exception):
+            raise result[0]
+        _keep_recent(self.models, version, result[0])
         return _pack(b"OKAY")
 
     def run(self, rows: int, version: int, payload: bytes) -> bytes:
@@ -135,6 +164,9 @@ def child_main(fd: int, threads: int, seed: int) -> int:
     # Ctrl-C reaches the whole process group; the server drains on it and still needs us meanwhile.
     # We end when the server closes the socket (or exits: the kernel closes it then).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # While a version builds in a thread, a RUN waits for the GIL at each step: hand it over sooner than
+    # Python's default 5 ms.
+    sys.setswitchinterval(0.0005)
     sock = socket.socket(fileno=fd)
     child = _Child(threads, seed)
     sock.sendall(_pack(b"OKAY"))  # ready: torch is imported
@@ -149,6 +181,8 @@ def child_main(fd: int, threads: int, seed: int) -> int:
                 answer = child.load(a, payload)
             elif kind == b"RUN ":
                 answer = child.run(a, b, payload)
+            elif kind == b"POLL":
+                answer = child.poll(a)
             else:
                 raise ValueError(f"unknown message kind {kind!r}")
         except Exception as e:  # noqa: BLE001 - the server hears about every failure
@@ -226,8 +260,8 @@ class ProcessForward:
         self._writer.write(message)
         return await self._read_reply()
 
-    async def _load(self, model) -> None:
-        """Send one version to the child (caller holds the lock)."""
+    async def _start_load(self, model) -> None:
+        """Send one version to the child, which starts building it (caller holds the lock)."""
         from safetensors.torch import save as st_save
 
         config = json.dumps(model.policy.config).encode()
@@ -237,15 +271,33 @@ class ProcessForward:
         if kind != b"OKAY":
             raise RuntimeError(f"the forward worker could not load version {model.version}: "
                                f"{payload.decode(errors='replace')}")
+
+    async def _loaded_yet(self, model) -> bool:
+        """Ask whether the child has finished building `model` (caller holds the lock)."""
+        kind, _, _, payload = await self._exchange(_pack(b"POLL", model.version))
+        if kind == b"WAIT":
+            return False
+        if kind != b"OKAY":
+            raise RuntimeError(f"the forward worker could not load version {model.version}: "
+                               f"{payload.decode(errors='replace')}")
         _keep_recent(self._loaded, model.version, model)
+        return True
 
     async def load(self, model) -> None:
+        """Load `model` into the child; batches of the serving version go on between the polls."""
         if self._closed:
             raise RuntimeError("the forward worker is shut down")
         async with self._lock:
             if self._dead():
                 await self._respawn()
-            await self._load(model)
+            await self._start_load(model)
+        while True:
+            await asyncio.sleep(LOAD_POLL_SECONDS)
+            async with self._lock:
+                if self._dead():
+                    raise RuntimeError(f"the forward worker exited while loading version {model.version}")
+                if await self._loaded_yet(model):
+                    return
 
     def preload(self, model) -> None:
         """Blocking: load `model` into the child before it is swapped in. For the holder's loading thread
@@ -285,8 +337,10 @@ class ProcessForward:
                     await self._respawn()
                 if model.version in self._loaded:
                     _keep_recent(self._loaded, model.version, model)  # as the child marks it on this RUN
-                else:  # a model that did not come through preload
-                    await self._load(model)
+                else:  # a model that did not come through preload (a new worker after a crash): wait for it
+                    await self._start_load(model)
+                    while not await self._loaded_yet(model):
+                        await asyncio.sleep(LOAD_POLL_SECONDS)
                 kind, a, _, payload = await self._exchange(message)
             except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
                 await self._kill()  # the next batch starts a new worker

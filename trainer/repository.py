@@ -256,13 +256,14 @@ def read_card(path: Path) -> dict:
 
 
 def policy_from_card(card: dict, where: Path | str = "card", *, weights: Path | None = None) -> Policy:
-    """Build the (untrained) policy the card describes, after checking the card agrees with itself and, given
-    `weights`, that the weights file holds tensors of the shapes it needs. The checks run on a shapes-only copy
-    (torch's meta device), so a corrupt card asking for a huge network costs nothing before it is refused."""
+    """Build the policy the card describes, its weights not yet set (`load_weights` fills every one), after
+    checking the card agrees with itself and, given `weights`, that the weights file holds tensors of the shapes
+    it needs. The checks run on a shapes-only copy (torch's meta device), so a corrupt card asking for a huge
+    network costs nothing before it is refused."""
     arch, spec = card["architecture"], card["spec"]
     try:
         with torch.device("meta"):
-            shapes_only = Policy.from_config(arch)
+            shapes_only = Policy.from_config(arch, init_weights=False)
     except (TypeError, ValueError) as e:
         raise ModelLoadError(f"{where}: architecture is invalid: {e}") from None
     for key in ("obs_size", "state_size", "n_actions", "n_agents"):
@@ -280,7 +281,7 @@ def policy_from_card(card: dict, where: Path | str = "card", *, weights: Path | 
                 raise ModelLoadError(f"{weights}: tensor {key} has shape {stored[key]}, the card's architecture "
                                      f"needs {tuple(want.shape)}")
     try:
-        return Policy.from_config(arch)
+        return Policy.from_config(arch, init_weights=False)
     except (RuntimeError, MemoryError) as e:  # a network too large for this machine
         raise ModelLoadError(f"{where}: cannot build the architecture: {e}") from None
 
