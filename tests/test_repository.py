@@ -183,3 +183,16 @@ def test_corrupt_models_raise_model_load_error(repo, sc, how, message):
         repo.load("m", v)
     if how != "missing-weights":
         assert str(repo.root / "m" / str(v)) in str(info.value)
+
+
+def test_one_run_at_a_time_claims_a_name(repo):
+    """Two runs under one name would interleave unrelated versions and overwrite each other's log."""
+    import os
+
+    first = repo.claim("m")
+    with pytest.raises(OSError, match=rf"another run is writing versions of 'm' .*\(pid {os.getpid()}\)"):
+        repo.claim("m")
+    other = repo.claim("other")  # another name is free
+    first.close()
+    repo.claim("m").close()  # released with the file
+    other.close()

@@ -251,3 +251,97 @@ def test_resume_continues_with_the_stored_runs_settings_unless_told_otherwise(tm
     told = cfg("--lr", "3e-4", "--anneal-lr", "--envs", "64")
     assert (told.lr, told.anneal_lr, told.envs, told.gamma) == (3e-4, True, 64, 0.95)
     assert (cfg().steps, cfg().minutes) == (None, None)  # no budget carried over: the default 10 minutes apply
+
+
+def _start_training(tmp_path, name: str, *settings: str) -> tuple[subprocess.Popen, Path]:
+    """A `phalanx train` with a budget it will not finish, once it is inside its training run (bounded: 60 s)."""
+    import time
+
+    models = tmp_path / "models"
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "train", "--scenario", "3m", "--models",
+                             str(models), "--name", name, "--steps", "100000000", "--eval-every", "100000000",
+                             *TINY, *settings], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO_ROOT)
+    deadline = time.monotonic() + 60
+    while not (models / name / "logs").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    return proc, models
+
+
+@pytest.mark.slow
+def test_sigterm_ends_training_with_a_last_evaluated_version(tmp_path):
+    """`docker stop` or a scheduler sends SIGTERM: the run finishes its iteration, evaluates, saves a version, writes
+    its log and plot, prints the summary, and exits 143 (it used to die silently, with nothing saved since the
+    last evaluation)."""
+    import signal
+
+    proc, models = _start_training(tmp_path, "stopped")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    summary = last_json(out)
+    assert summary["stop_reason"] == "SIGTERM" and summary["version"] == 1 and summary["steps"] > 0
+    assert "SIGTERM: stopping after this iteration" in err
+    card = ModelRepository(models).load("stopped").card
+    assert card["step"] == summary["steps"] and card["eval_win_rate"] == summary["final_eval_win_rate"]
+    assert Path(summary["csv"]).is_file() and Path(summary["plot"]).is_file()
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_quits_training_at_once(tmp_path):
+    import signal
+
+    proc, models = _start_training(tmp_path, "quit", "--envs", "512", "--rollout", "64")  # iterations of seconds
+    proc.send_signal(signal.SIGINT)
+    said = [proc.stderr.readline() for _ in range(2)]  # a blank line (past a progress bar), then the message
+    assert "SIGINT: stopping after this iteration" in said[1], said
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().endswith("interrupted"), err
+    assert out == "" and ModelRepository(models).versions("quit") == []
+
+
+@pytest.mark.slow
+def test_a_second_run_under_a_name_in_use_is_refused(tmp_path, capsys):
+    import signal
+
+    proc, models = _start_training(tmp_path, "busy")
+    try:
+        code = main(["train", "--scenario", "3m", "--models", str(models), "--name", "busy", "--steps", "256", *TINY])
+        err = capsys.readouterr().err
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)
+    assert code == 2 and f"another run is writing versions of 'busy' under {models} (pid {proc.pid})" in err, err
+
+
+def test_eval_and_replay_play_the_scenario_the_model_was_trained_on(tmp_path, capsys):
+    """Without --scenario a model is played on the scenario its card records; a scripted policy needs one; a
+    scenario from a file the command was not given is named, with the flag that brings it."""
+    from trainer.policy import Policy
+    from trainer.sim import load_scenario
+
+    models = tmp_path / "models"
+    repo = ModelRepository(models)
+    sc = load_scenario("2s3z")
+    repo.save("m", Policy.for_scenario(sc, hidden=16), scenario=sc, step=0, eval_win_rate=None)
+    assert main(["eval", "--models", str(models), "--name", "m", "--episodes", "4"]) == 0
+    assert last_json(capsys.readouterr().out)["scenario"] == "2s3z"
+    gif = tmp_path / "r.gif"
+    assert main(["replay", "--policy", "model", "--models", str(models), "--name", "m", "--out", str(gif)]) == 0
+    assert last_json(capsys.readouterr().out)["scenario"] == "2s3z" and gif.is_file()
+
+    assert main(["eval", "--policy", "random", "--episodes", "4"]) == 2
+    assert "--scenario is needed to play a scripted policy" in capsys.readouterr().err
+
+    toml = tmp_path / "mine.toml"
+    toml.write_text('[scenarios.mine]\nmap = [32, 32]\nepisode_limit = 60\nagents = [{ unit = "marine", count = 2 }]\n'
+                    'enemies = [{ unit = "marine", count = 2 }]\nagent_spawn = [9, 16]\nenemy_spawn = [23, 16]\n')
+    custom = load_scenario("mine", files=[toml])
+    repo.save("c", Policy.for_scenario(custom, hidden=16), scenario=custom, step=0, eval_win_rate=None)
+    assert main(["eval", "--models", str(models), "--name", "c", "--episodes", "4"]) == 2
+    assert "trained on scenario 'mine', which is not built in: pass the --scenario-file" in capsys.readouterr().err
+    assert main(["eval", "--models", str(models), "--name", "c", "--episodes", "4", "--scenario-file", str(toml)]) == 0
+    assert last_json(capsys.readouterr().out)["scenario"] == "mine"

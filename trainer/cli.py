@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("replay", help="play one episode and render it to an animated GIF or PNG frames",
                        description="Play one episode of a scenario with a scripted policy (or a trained model) "
                                    "and draw it: units as coloured circles with health bars, attacks as lines.")
-    p.add_argument("--scenario", required=True, help="scenario name, e.g. 3m (see `phalanx scenarios`)")
+    p.add_argument("--scenario", help="scenario name, e.g. 3m (see `phalanx scenarios`); with --policy model, "
+                                      "default: the one the model was trained on")
     p.add_argument("--policy", default="focus-fire",
                    help="random | attack-nearest | focus-fire (default), or 'model' with --models/--name")
     p.add_argument("--models", help="model repository root (for --policy model)")
@@ -63,13 +64,19 @@ def cmd_scenarios(args) -> int:
 
 
 def cmd_replay(args) -> int:
+    from trainer.commands import scenario_to_play
+    from trainer.repository import ModelLoadError
     from trainer.sim.replay import ReplayError, record_episode, save_replay
 
     try:
+        args.scenario = scenario_to_play(args.scenario, args.models, args.name, args.version, args.scenario_file,
+                                         baseline=args.policy != "model")
+        if args.scenario is None:
+            raise ReplayError("--policy model needs --models and --name")
         frames, result = record_episode(args.scenario, args.policy, seed=args.seed, files=args.scenario_file,
                                         models=args.models, name=args.name, version=args.version)
         written = save_replay(frames, args.out, fps=args.fps)
-    except (ScenarioError, ReplayError) as e:
+    except (ScenarioError, ReplayError, ModelLoadError, ValueError) as e:
         print(f"phalanx replay: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"scenario": args.scenario, "policy": args.policy, "seed": args.seed, **result,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -123,7 +124,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", help="model repository root")
     p.add_argument("--name", help="model name in the repository")
     p.add_argument("--version", type=int, help="model version (default: the newest)")
-    p.add_argument("--scenario", required=True, help="scenario name")
+    p.add_argument("--scenario", help="scenario name (default: the one the model was trained on, from its card; "
+                                      "required with --policy)")
     p.add_argument("--scenario-file", action="append", default=[], metavar="FILE", help="extra TOML scenario file")
     p.add_argument("--episodes", type=int, default=256, help="games (the first episode of each)")
     p.add_argument("--seed", type=int, default=0, help="game seed: game i uses seed + i")
@@ -137,6 +139,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _kept(defaults, field: str) -> str:
     """Help text for a learning setting: its default, and what --resume does with it."""
     return f" (default {getattr(defaults, field)}; with --resume, simulation training takes the stored run's)"
+
+
+def scenario_to_play(scenario: str | None, models: str | None, name: str | None, version: int | None,
+                     files: list[str], *, baseline: bool) -> str | None:
+    """The scenario eval and replay play: --scenario, else the one the model's card records. Raises ValueError
+    (no scenario to go by) or ModelLoadError (the card cannot be read)."""
+    if scenario is not None:
+        return scenario
+    if baseline:
+        raise ValueError("--scenario is needed to play a scripted policy (a model's card names its own)")
+    if not models or not name:
+        return None  # no model named either: the caller's own check says what to give
+    from trainer.repository import ModelRepository
+    from trainer.sim import load_catalogue
+
+    card, version, _ = ModelRepository(models).load_card(name, version)
+    recorded = str(card["scenario"])
+    try:
+        known = recorded in load_catalogue(files)
+    except ScenarioError:
+        known = True  # the files' own error is load_scenario's to report
+    if not known:
+        raise ValueError(f"version {version} of {name!r} was trained on scenario {recorded!r}, which is not built "
+                         f"in: pass the --scenario-file that defines it")
+    return recorded
 
 
 def _fail(command: str, message: str) -> int:
@@ -340,7 +367,9 @@ def _train_rank(cfg, rank: int) -> int:
             metrics.push()
         if rank == 0:
             print(json.dumps(result.summary))
-        return 0
+        stopped_by = result.summary.get("stop_reason", "")
+        # saved and reported, but not the run that was asked for: a shell sees 128 + the signal, as usual
+        return 128 + signal.Signals[stopped_by].value if stopped_by.startswith("SIG") else 0
     finally:
         if metrics is not None:
             metrics.close()
@@ -398,11 +427,13 @@ def cmd_eval(args) -> int:
     from trainer.sim import load_scenario
 
     try:
-        cfg = EvalConfig(scenario=args.scenario, episodes=args.episodes, seed=args.seed, greedy=not args.sample,
+        scenario = scenario_to_play(args.scenario, args.models, args.name, args.version, args.scenario_file,
+                                    baseline=args.policy is not None)
+        cfg = EvalConfig(scenario=scenario, episodes=args.episodes, seed=args.seed, greedy=not args.sample,
                          baseline=args.policy, models=args.models, name=args.name, version=args.version,
                          scenario_files=tuple(args.scenario_file), device=args.device, threads=args.threads)
         sc = load_scenario(cfg.scenario, files=cfg.scenario_files)
-    except (ValueError, ScenarioError) as e:
+    except (ValueError, ScenarioError, ModelLoadError) as e:
         return _fail("eval", str(e))
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         return _fail("eval", "--device cuda was asked for, but torch sees no CUDA device")

@@ -169,7 +169,7 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
     samples = torch.nonzero(data_d["sample"]).squeeze(1)
     n = samples.shape[0]
     log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(cfg.models) / cfg.name / "logs"
-    prepare_outputs(repo, cfg.name, log_dir)
+    claim = prepare_outputs(repo, cfg.name, log_dir)  # held until this function returns (the file closes)
     csv_path = log_dir / f"{cfg.name}-{sc.name}-offline.csv"
     history: list[dict] = []
     prior = _prior_rows(csv_path)  # earlier offline runs of this name: the log grows, one block of rows a run
@@ -258,6 +258,7 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
                                "eval_mean_return": ev["mean_return"], "resumed_from": resumed_from,
                                "offline": offline,
                                "training": {**training_settings(cfg), "critic_warmup": warmup}})
+    claim.close()
     if metrics is not None:
         metrics.update_eval(win_rate=ev["win_rate"], mean_return=ev["mean_return"], version=version)
     elapsed = time.perf_counter() - t0

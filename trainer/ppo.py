@@ -23,7 +23,9 @@ import csv
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -256,9 +258,43 @@ def leave_process_group(exit_code: int) -> NoReturn:
     os._exit(exit_code)
 
 
+class GracefulStop:
+    """SIGINT (Ctrl-C) or SIGTERM (`docker stop`, a scheduler) while training: finish the iteration, evaluate and
+    save a last version as at the end of the budget, then return; the same signal again quits at once
+    (KeyboardInterrupt). Installed only in the main thread (signals reach no other), and undone on exit."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this iteration with a last evaluation and version "
+              f"(again to quit at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
     """Run PPO as configured; returns the summary (also the CLI's final JSON line), the policy and the curve.
-    `metrics` is a `trainer.train_metrics.TrainMetrics` (or None): updated every iteration, pushed at evals."""
+    `metrics` is a `trainer.train_metrics.TrainMetrics` (or None): updated every iteration, pushed at evals.
+    A first SIGINT or SIGTERM ends the run early but whole (GracefulStop); summary["stop_reason"] says why it
+    ended: budget, target, or the signal's name."""
+    with GracefulStop() as graceful:
+        return _train(cfg, metrics, graceful)
+
+
+def _train(cfg: TrainConfig, metrics, graceful: GracefulStop) -> TrainResult:
     (rank, world), device = _dist_info(), cfg.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError("--device cuda was asked for, but torch sees no CUDA device")
@@ -334,9 +370,9 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
     # a version made from shards records no simulator samples or minutes: the curve's own last row does
     samples_before = int(card.get("samples") or (prior[-1]["samples"] if prior else 0))
     minutes_before = float(card.get("minutes") or (prior[-1]["minutes"] if prior else 0.0))
-    bar = None
+    bar, claim = None, None
     if rank == 0:
-        prepare_outputs(repo, cfg.name, log_dir)
+        claim = prepare_outputs(repo, cfg.name, log_dir)
         if cfg.progress:
             from tqdm import tqdm
             bar = tqdm(total=budget_steps, unit="step", unit_scale=True, dynamic_ncols=True, file=sys.stderr,
@@ -496,7 +532,7 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
 
         # --- 5. evaluate and save ----------------------------------------------------------------------------
         due = (global_step - last_eval_step >= eval_every) if eval_every else (time.perf_counter() - last_eval_time >= 20)
-        over = budget_fraction() >= 1.0
+        over = budget_fraction() >= 1.0 or graceful.signal is not None  # rank 0's signal stops every rank
         if due or over:
             ev = evaluate(policy, sc, cfg.eval_episodes, cfg.seed, device=dev)
             last_eval, last_eval_step, last_eval_time = ev["win_rate"], global_step, time.perf_counter()
@@ -531,6 +567,8 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
                 print(line, file=sys.stderr, flush=True)
             if reached:
                 stop_reason = "target"
+            elif graceful.signal is not None:
+                stop_reason = signal.Signals(graceful.signal).name
             stop_next = over or reached
 
     elapsed = time.perf_counter() - t0
@@ -539,10 +577,12 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
     summary = {}
     if rank == 0:
         _plot(prior + history, log_dir / f"{cfg.name}-{cfg.scenario}.png", title=f"{cfg.name} on {sc.name}")
+        claim.close()  # the last write of this run is done: another may take the name
         summary = {"scenario": sc.name, "name": cfg.name, "sharing": policy.sharing, "critic": policy.critic,
                    "steps": global_step, "samples": samples, "minutes": round(elapsed / 60, 3),
                    "final_eval_win_rate": last_eval, "best_eval_win_rate": best_win,
                    "target_win_rate": cfg.target_win_rate, "reached_target": stop_reason == "target",
+                   "stop_reason": stop_reason,
                    "version": version, "world_size": world,
                    "agent_steps_per_s": round((global_step - start_step) * A / max(elapsed, 1e-9), 1),
                    "csv": str(csv_path), "plot": str(log_dir / f"{cfg.name}-{cfg.scenario}.png")}
@@ -553,13 +593,15 @@ def weights_finite(policy: Policy) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in policy.state_dict().values() if t.is_floating_point())
 
 
-def prepare_outputs(repo: ModelRepository, name: str, log_dir: Path) -> None:
-    """Make sure versions and logs can be written before a run spends its budget."""
+def prepare_outputs(repo: ModelRepository, name: str, log_dir: Path):
+    """Make sure versions and logs can be written before a run spends its budget, and claim the name: returns
+    the open lock file (ModelRepository.claim) the caller keeps open until its last write."""
     try:
-        repo.prepare(name)
+        claim = repo.claim(name)
         log_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TrainError(str(e)) from None
+    return claim
 
 
 def _save(repo: ModelRepository, name: str, policy: Policy, **kw) -> int:

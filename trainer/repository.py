@@ -37,6 +37,7 @@ CARD_FILE = "card.json"
 # rolls back by removing a version directory, and the next save must not reuse its number for another model
 # (the service remembers refused numbers, and shards name the version that acted).
 LAST_ISSUED_FILE = ".last-version"
+WRITER_LOCK_FILE = ".writer.lock"
 TMP_PREFIX = ".tmp-"
 _VERSION_RE = re.compile(r"^[1-9][0-9]*$")
 REQUIRED_CARD_KEYS = ("format", "name", "version", "architecture", "spec", "sharing", "critic", "scenario", "step",
@@ -102,6 +103,29 @@ class ModelRepository:
         except OSError as e:
             raise OSError(f"cannot write model versions under {base}: {e.strerror or e}") from None
         return base
+
+    def claim(self, name: str):
+        """Hold <root>/<name>/.writer.lock (an exclusive flock) while the returned open file stays open: one run
+        at a time writes a name's versions and logs. Two runs under one name would interleave unrelated versions
+        (a service following the name would jump between them) and overwrite each other's log. The kernel drops
+        the lock when the process ends, however it ends. Raises OSError naming the holder's pid."""
+        import fcntl
+
+        base = self.prepare(name)
+        handle = open(base / WRITER_LOCK_FILE, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise OSError(f"another run is writing versions of {name!r} under {self.root} (pid {holder}); wait "
+                          f"for it, stop it, or use another --name") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        return handle
 
     def save(self, name: str, policy: Policy, *, scenario, step: int, eval_win_rate: float | None,
              extra: dict | None = None) -> int:

@@ -207,7 +207,9 @@ def shard_files(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list
         else:
             raise ShardError(f"{p}: no such shard file or directory")
     if not files:
-        raise ShardError(f"no shard files (*{SUFFIX}) in {', '.join(str(s) for s in sources)}")
+        raise ShardError(f"no shard files (*{SUFFIX}) in {', '.join(str(s) for s in sources)} (a service logging "
+                         f"there writes one when a chunk fills, every --experience-flush-seconds (60 s by default), "
+                         f"and when it stops)")
     return files
 
 
