@@ -136,7 +136,9 @@ def test_target_win_rate_stops_early_and_resume_continues(tmp_path):
     assert [int(r["steps"]) for r in rows] == [h["steps"] for h in run.history] + [resumed["steps"]]
     samples, minutes = ([float(r[key]) for r in rows] for key in ("samples", "minutes"))
     assert samples == sorted(samples) and samples[-1] > samples[-2] and minutes == sorted(minutes)
-    assert card["samples"] == int(rows[-1]["samples"])
+    assert card["samples"] == int(rows[-1]["samples"]) == resumed["samples"]  # the summary counts as they do
+    assert resumed["run_steps"] == 32 * 8 * 2 and 0 < resumed["run_samples"] < resumed["samples"]
+    assert resumed["samples"] == first["samples"] + resumed["run_samples"]
     # resuming an earlier version replaces what followed it in the log; the whole earlier log is kept aside
     again = train(tiny_cfg(tmp_path, steps=32 * 8 * 2, eval_every=10 ** 9, resume="1")).summary
     rows = list(csv.DictReader(open(again["csv"])))
@@ -229,3 +231,22 @@ def test_a_diverging_run_stops_without_saving_a_broken_version(tmp_path):
         train(cfg)  # three good versions, then resume with a learning rate that blows the weights up
         train(tiny_cfg(tmp_path, resume="1", lr=1e30, steps=32 * 8 * 3, eval_every=32 * 8))
     assert ModelRepository(cfg.models).versions("m") == [1, 2, 3]
+
+
+def test_a_resumed_run_that_ends_below_its_start_says_so(tmp_path, capsys):
+    """A short resume restarts the schedules and can end worse than the version it began from; the run warns,
+    naming its best version, since a service following the name would swap the worse one in."""
+    import json
+
+    train(tiny_cfg(tmp_path))
+    card_path = tmp_path / "models" / "m" / "1" / "card.json"
+    card = json.loads(card_path.read_text())
+    card["eval_win_rate"] = 1.0  # the start to beat: no tiny run gets there
+    card_path.write_text(json.dumps(card))
+    capsys.readouterr()
+    train(tiny_cfg(tmp_path, resume="1"))
+    err = capsys.readouterr().err
+    assert "train: warning: the last version (2) evaluates below version 1, which this run resumed from" in err
+    assert "(was 1.000)" in err and "this run's best was" in err
+    train(tiny_cfg(tmp_path, resume="1", eval_episodes=8))  # other games: not comparable, no warning
+    assert "warning" not in capsys.readouterr().err

@@ -528,7 +528,10 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop) -> TrainResult:
             bar.set_postfix_str(
                 f"agent-steps/s {agent_steps_per_s:,.0f} | win {'-' if train_win is None else f'{train_win:.2f}'}"
                 f" | ret {'-' if train_ret is None else f'{train_ret:.1f}'}"
-                f" | eval {'-' if last_eval is None else f'{last_eval:.2f}'}", refresh=False)
+                f" | eval {'-' if last_eval is None else f'{last_eval:.2f}'}"
+                # a budget in minutes gives the bar no total (and so no time left) of its own
+                + (f" | {max(minutes - elapsed / 60, 0):.1f} min left" if minutes and not budget_steps else ""),
+                refresh=False)
 
         # --- 5. evaluate and save ----------------------------------------------------------------------------
         due = (global_step - last_eval_step >= eval_every) if eval_every else (time.perf_counter() - last_eval_time >= 20)
@@ -578,8 +581,21 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop) -> TrainResult:
     if rank == 0:
         _plot(prior + history, log_dir / f"{cfg.name}-{cfg.scenario}.png", title=f"{cfg.name} on {sc.name}")
         claim.close()  # the last write of this run is done: another may take the name
+        start_win = card.get("eval_win_rate") if resumed_from is not None else None
+        comparable = (card.get("eval_episodes"), card.get("eval_seed")) == (cfg.eval_episodes, cfg.seed)
+        if start_win is not None and last_eval is not None and comparable and last_eval < start_win:
+            # a short resume restarts the schedules (learning rate, entropy bonus) and can end below where it began
+            best = max(history, key=lambda r: r["win_rate"]) if history else None
+            print(f"train: warning: the last version ({version}) evaluates below version {resumed_from}, which this "
+                  f"run resumed from, on the same {cfg.eval_episodes} games: win rate {last_eval:.3f} (was "
+                  f"{start_win:.3f}); this run's best was {best['win_rate']:.3f} (version {best['version']}). A "
+                  f"service following {cfg.name!r} serves the newest version unless given --min-eval-win-rate",
+                  file=sys.stderr, flush=True)
         summary = {"scenario": sc.name, "name": cfg.name, "sharing": policy.sharing, "critic": policy.critic,
-                   "steps": global_step, "samples": samples, "minutes": round(elapsed / 60, 3),
+                   # steps and samples count from the first run of a resumed lineage, as the card and CSV do;
+                   # run_* and minutes are this run's own
+                   "steps": global_step, "samples": samples_before + samples, "run_steps": global_step - start_step,
+                   "run_samples": samples, "minutes": round(elapsed / 60, 3),
                    "final_eval_win_rate": last_eval, "best_eval_win_rate": best_win,
                    "target_win_rate": cfg.target_win_rate, "reached_target": stop_reason == "target",
                    "stop_reason": stop_reason,
