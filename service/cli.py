@@ -10,12 +10,23 @@ import os
 import sys
 
 
+def installed_version() -> str:
+    """The installed package's version; "unknown" when running from a source tree that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("phalanx")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from trainer import cli as trainer_cli
 
     parser = argparse.ArgumentParser(
         prog="phalanx",
         description="One shared unit-control policy for every unit of an RTS army: simulate, train, serve.")
+    parser.add_argument("--version", action="version", version=f"phalanx {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     trainer_cli.register(sub)
     try:

@@ -60,6 +60,52 @@ def status_code(number: int) -> grpc.StatusCode:
     return _CODES.get(number, grpc.StatusCode.UNKNOWN)
 
 
+# gRPC often gives no reason: empty details, the code's name again ("CANCELLED: CANCELLED"), or C-core's
+# "Internal error from Core" (seen when a draining server ends an ActStream mid-write). These say what such a
+# bare code most likely means to a client of this service.
+_LIKELY_MEANING = {
+    grpc.StatusCode.CANCELLED: "the call was cancelled (the server shutting down, or the connection dropped)",
+    grpc.StatusCode.UNAVAILABLE: "the server cannot be reached (not running, shutting down, or the connection "
+                                 "dropped)",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "no answer within the call's deadline (the server busy or unreachable)",
+    grpc.StatusCode.INTERNAL: "gRPC failed the call without a reason (often the server closing the connection "
+                              "mid-call)",
+    grpc.StatusCode.UNKNOWN: "the server failed the call without a reason",
+}
+_BARE_DETAILS = {"", "internal error from core"}
+
+
+def rpc_error_text(code: grpc.StatusCode, details: str | None) -> str:
+    """`CODE: details` for one line of output; where gRPC's details say nothing (empty, or just the code's
+    name again) they are replaced by what the code likely means."""
+    said = (details or "").strip()
+    if said.lower() in _BARE_DETAILS or said.lower().replace(" ", "_") == code.name.lower():
+        said = _LIKELY_MEANING.get(code, "gRPC gave no details")
+    return f"{code.name}: {said}"
+
+
+def check_target(target: str) -> None:
+    """Refuse a server address without a port: gRPC would quietly dial port 443 for a bare HOST.
+    Accepted: HOST:PORT, [IPv6]:PORT, gRPC's dns:[//AUTHORITY/]HOST:PORT, unix:PATH and unix-abstract:NAME."""
+    if target.startswith(("unix:", "unix-abstract:")) and target.split(":", 1)[1]:
+        return
+    address = target
+    if address.startswith("dns:"):
+        address = address[4:]
+        if address.startswith("//"):  # dns://AUTHORITY/HOST:PORT; the authority (the DNS server) may be empty
+            address = address[2:].partition("/")[2]
+    if address.startswith("["):
+        host, _, port = address[1:].partition("]:")
+        ok_host = bool(host) and "]" not in host
+    else:
+        host, _, port = address.rpartition(":")
+        ok_host = bool(host) and ":" not in host  # a bare IPv6 address needs brackets: [::1]:50051
+    if not (ok_host and port.isdigit()):
+        raise ValueError(f"must be HOST:PORT (or [IPv6]:PORT, unix:PATH), got {target!r}")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"port must lie in 1..65535, got {target!r}")
+
+
 # --- messages ---------------------------------------------------------------------------------------------
 
 def act_request(obs, mask, unit_id: int, *, greedy: bool = False, game_id: str = "", episode_id: int = 0,

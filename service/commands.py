@@ -69,7 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(no model yet, draining, or no answer), 2 for bad flags.")
     p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of `phalanx serve` (default "
                                                                 "127.0.0.1:50051)")
-    p.add_argument("--tls-ca", type=Path, help="PEM CA certificate to verify the server (turns TLS on)")
+    p.add_argument("--tls-ca", type=Path, help="PEM CA certificate to verify the server (turns TLS on; default: "
+                                                "plaintext)")
     p.add_argument("--tls-server-name", help="expected name in the server's certificate (default: the host)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
     p.set_defaults(func=cmd_health)
@@ -80,20 +81,45 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "throughput and latency as one JSON line.")
     p.add_argument("--server", required=True, help="HOST:PORT of `phalanx serve`")
     p.add_argument("--scenario", required=True, help="scenario name, e.g. 3m (see `phalanx scenarios`)")
-    p.add_argument("--games", type=int, default=8, help="games played at once; each game's first episode counts")
+    p.add_argument("--games", type=int, default=8,
+                   help="games played at once; each game's first episode counts (default 8)")
     p.add_argument("--seed", type=int, default=0, help="game i plays with seed + i (default 0)")
     p.add_argument("--rpc", choices=("unary", "stream", "batch"), default="stream",
-                   help="unary: one Act per unit; stream: one ActStream; batch: one ActBatch per game frame")
+                   help="unary: one Act per unit; stream: one ActStream (default); batch: one ActBatch per game "
+                        "frame")
     p.add_argument("--greedy", action="store_true", help="most probable actions (default: sampled)")
     p.add_argument("--scenario-file", action="append", default=[], metavar="FILE",
-                   help="a TOML file of extra units and scenarios (repeatable)")
-    p.add_argument("--tls-ca", type=Path, help="PEM CA certificate to verify the server (turns TLS on)")
+                   help="a TOML file of extra units and scenarios (repeatable; default: the built-in ones only)")
+    p.add_argument("--tls-ca", type=Path, help="PEM CA certificate to verify the server (turns TLS on; default: "
+                                                "plaintext)")
     p.add_argument("--tls-server-name", help="expected name in the server's certificate (default: the host)")
-    p.add_argument("--auth-token-file", type=Path, help="file with the bearer token")
+    p.add_argument("--auth-token-file", type=Path, help="file with the bearer token (default: none, no auth)")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="deadline per call in seconds; with --rpc stream, the longest wait for each answer "
                         "(default 10)")
     p.set_defaults(func=cmd_play)
+
+
+def _client_flag_error(args) -> str | None:
+    """The first bad flag of those health and play share, as one line (None: all good). Checked before dialing:
+    gRPC dials port 443 for a --server with no port, and finds a --tls-ca that is not PEM only in its handshake,
+    after printing its own internal errors."""
+    from service.client import check_target
+
+    try:
+        check_target(args.server)
+    except ValueError as e:
+        return f"--server {e}"
+    if not args.timeout > 0:
+        return f"--timeout must be > 0 seconds, got {args.timeout}"
+    if args.tls_ca is not None:
+        try:
+            pem = args.tls_ca.read_bytes()
+        except OSError as e:
+            return f"--tls-ca {args.tls_ca}: {e.strerror or e}"
+        if b"-----BEGIN CERTIFICATE-----" not in pem:
+            return f"--tls-ca {args.tls_ca}: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)"
+    return None
 
 
 def cmd_health(args) -> int:
@@ -101,12 +127,15 @@ def cmd_health(args) -> int:
 
     from service.client import Client
 
+    if (error := _client_flag_error(args)) is not None:
+        print(f"phalanx health: {error}", file=sys.stderr)
+        return 2
     try:
         with Client(args.server, tls_ca=args.tls_ca, server_name=args.tls_server_name, timeout=args.timeout,
                     retries=0) as client:
             status = client.health()
-    except OSError as e:  # an unreadable --tls-ca
-        print(f"phalanx health: {e}", file=sys.stderr)
+    except OSError as e:  # --tls-ca became unreadable since it was checked
+        print(f"phalanx health: --tls-ca {args.tls_ca}: {e.strerror or e}", file=sys.stderr)
         return 2
     except grpc.RpcError as e:
         print(json.dumps({"server": args.server, "status": "UNREACHABLE", "code": e.code().name,
@@ -154,15 +183,24 @@ def cmd_serve(args) -> int:
 
 
 def cmd_play(args) -> int:
-    from service.client import AsyncClient, StreamError, read_token
+    from service.client import AsyncClient, StreamError, read_token, rpc_error_text
     from service.play import play_games
     from trainer.sim import ScenarioError, load_scenario
 
     if args.games < 1:
         print(f"phalanx play: --games must be >= 1, got {args.games}", file=sys.stderr)
         return 2
-    if not args.timeout > 0:
-        print(f"phalanx play: --timeout must be > 0 seconds, got {args.timeout}", file=sys.stderr)
+    if (error := _client_flag_error(args)) is not None:
+        print(f"phalanx play: {error}", file=sys.stderr)
+        return 2
+    try:
+        token = read_token(args.auth_token_file)
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"phalanx play: --auth-token-file {args.auth_token_file}: {getattr(e, 'strerror', None) or e}",
+              file=sys.stderr)
+        return 2
+    if token == "":  # else the calls would go out without a token and come back UNAUTHENTICATED
+        print(f"phalanx play: --auth-token-file {args.auth_token_file} is empty", file=sys.stderr)
         return 2
     try:
         scenario = load_scenario(args.scenario, files=args.scenario_file)
@@ -171,7 +209,7 @@ def cmd_play(args) -> int:
         return 2
 
     async def run() -> dict:
-        async with AsyncClient(args.server, tls_ca=args.tls_ca, token=read_token(args.auth_token_file),
+        async with AsyncClient(args.server, tls_ca=args.tls_ca, token=token,
                                server_name=args.tls_server_name, timeout=args.timeout) as client:
             info = await client.model_info()
             if info.spec_hash != scenario.spec_hash:
@@ -187,10 +225,10 @@ def cmd_play(args) -> int:
     try:
         summary = asyncio.run(run())
     except grpc.RpcError as e:
-        print(f"phalanx play: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+        print(f"phalanx play: {args.server}: {rpc_error_text(e.code(), e.details())}", file=sys.stderr)
         return 1
     except StreamError as e:  # one message of --rpc stream failed (RESOURCE_EXHAUSTED, no answer in time, ...)
-        print(f"phalanx play: {args.server}: {e.code.name}: {e.message}", file=sys.stderr)
+        print(f"phalanx play: {args.server}: {rpc_error_text(e.code, e.message)}", file=sys.stderr)
         return 1
     print(json.dumps(summary), flush=True)
     return 0

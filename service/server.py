@@ -267,6 +267,33 @@ def _unit_response(out: Outputs, request_id: int) -> pb.ActResponse:
                           value=float(out.value[0]), model_version=out.version, request_id=request_id)
 
 
+def _read_flag_file(flag: str, path: Path) -> bytes:
+    """A file named by a flag, or an OSError that names the flag (not a bare "[Errno 2] No such file")."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise OSError(f"{flag} {path}: {e.strerror or e}") from None
+
+
+def _model_names(root: Path) -> dict[str, list[int]]:
+    """The names under a model repository's root that hold complete versions, each with its versions (none if
+    the root cannot be read)."""
+    repository = ModelRepository(root)
+    try:
+        entries = sorted(p.name for p in root.iterdir() if p.is_dir())
+    except OSError:
+        return {}
+    names = {}
+    for name in entries:
+        try:
+            versions = repository.versions(name)
+        except (OSError, ValueError):  # not a model name (say, a hidden directory), or unreadable
+            continue
+        if versions:
+            names[name] = versions
+    return names
+
+
 def _check_tls_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> None:
     """Refuse a certificate or key that TLS cannot use, naming the file. gRPC finds out only as it binds the
     port, and then reports nothing but a failed bind (which reads as "the port is in use")."""
@@ -351,10 +378,13 @@ class RunningServer:
         self.batcher = Batcher(self.forward, max_batch_size=config.max_batch_size,
                                max_queue_delay=config.max_queue_delay_ms / 1000.0, max_queue=config.max_queue,
                                metrics=self.metrics)
-        self.experience = None if config.experience_dir is None else ExperienceLog(
-            config.experience_dir, spec_source=lambda: self.holder.current, metrics=self.metrics,
-            chunk_rows=config.experience_chunk_rows, max_open=config.experience_max_open,
-            flush_seconds=config.experience_flush_seconds)
+        try:
+            self.experience = None if config.experience_dir is None else ExperienceLog(
+                config.experience_dir, spec_source=lambda: self.holder.current, metrics=self.metrics,
+                chunk_rows=config.experience_chunk_rows, max_open=config.experience_max_open,
+                flush_seconds=config.experience_flush_seconds)
+        except OSError as e:  # it creates the directory
+            raise OSError(f"--experience-dir {config.experience_dir}: cannot create it: {e.strerror or e}") from None
         self.health = health.aio.HealthServicer()
         self.port: int = 0
         self.draining = False
@@ -365,7 +395,13 @@ class RunningServer:
                    ("grpc.so_reuseport", 0)]
         interceptors = []
         if config.auth_token_file is not None:
-            token = Path(config.auth_token_file).read_text().strip()
+            try:
+                token = _read_flag_file("--auth-token-file", config.auth_token_file).decode().strip()
+            except UnicodeDecodeError:
+                raise ValueError(f"--auth-token-file {config.auth_token_file}: not a text file (the token must be "
+                                 "UTF-8 text)") from None
+            if not token:
+                raise ValueError(f"--auth-token-file {config.auth_token_file} is empty: it must hold the token")
             interceptors.append(BearerTokenInterceptor(token, self.metrics))
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         self.servicer = InferenceServicer(self.holder, self.batcher, self.metrics, stream_window=config.stream_window,
@@ -395,7 +431,7 @@ class RunningServer:
         if c.tls_cert is not None or c.tls_key is not None:
             if c.tls_cert is None or c.tls_key is None:
                 raise ValueError("TLS needs both --tls-cert and --tls-key")
-            key, cert = Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes()
+            key, cert = _read_flag_file("--tls-key", c.tls_key), _read_flag_file("--tls-cert", c.tls_cert)
             _check_tls_pair(c.tls_cert, c.tls_key, cert, key)
             creds = grpc.ssl_server_credentials([(key, cert)])
         try:
@@ -427,9 +463,38 @@ class RunningServer:
         model = self.holder.current
         log.info("listening on %s (%s, auth %s); %s", self.address, "TLS" if c.tls_cert else "plaintext",
                  "on" if c.auth_token_file else "off",
-                 f"serving {c.name} version {model.version}" if model else
-                 f"no version of {c.name!r} in {c.models} yet: UNAVAILABLE until one appears" if c.poll_seconds
-                 else f"no version of {c.name!r} in {c.models}, and no polling (poll_seconds 0): UNAVAILABLE")
+                 f"serving {c.name} version {model.version}" if model else "no model loaded")
+        if model is None:
+            log.warning("%s", self._nothing_served())
+
+    def _nothing_served(self) -> str:
+        """Why no model is served, for the log: a server waiting on a mistyped --models or --name looks just like
+        one waiting for a trainer's first version, so say which it is."""
+        c = self.config
+        root = Path(c.models)
+        wanted = f"version {c.version} of {c.name!r}" if c.version is not None else f"a version of {c.name!r}"
+        refused = sorted(self.holder.refused)
+        if refused:
+            why = (f"no version of {c.name!r} in {root} can be served (refused: {', '.join(map(str, refused))}; "
+                   "see above)")
+        elif not root.is_dir():
+            why = f"the models directory {root} {'is not a directory' if root.exists() else 'does not exist'} " \
+                  "(check --models)"
+        else:
+            names = _model_names(root)
+            if c.name in names and c.version is not None:
+                why = (f"version {c.version} of {c.name!r} is not in {root} (it holds versions "
+                       f"{', '.join(map(str, names[c.name]))})")
+            elif c.name in names:  # versions there, none refused: reading them failed
+                why = f"no version of {c.name!r} in {root} could be read (see above)"
+            elif names:
+                why = f"no version of {c.name!r} in {root} (models holds: {', '.join(names)}; check --name)"
+            else:
+                why = f"no version of {c.name!r} in {root} (it holds no models yet)"
+        if not c.poll_seconds:
+            return f"{why}; no polling (poll_seconds 0): UNAVAILABLE"
+        return (f"{why}: serving nothing (UNAVAILABLE) until {wanted} appears; a trainer may still publish one "
+                f"(looking every {c.poll_seconds:g} s)")
 
     async def _update_health(self) -> None:
         serving = self.holder.current is not None and not self.draining

@@ -173,9 +173,9 @@ def test_requests_without_game_id_are_counted_not_logged(tmp_path):
 
 
 def test_experience_log_refuses_bad_settings(tmp_path):
-    with pytest.raises(ValueError, match="chunk_rows must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="--experience-chunk-rows must be an integer >= 1, got 0"):
         make_log(tmp_path, chunk_rows=0)
-    with pytest.raises(ValueError, match="max_open must be an integer >= 1, got -3"):
+    with pytest.raises(ValueError, match="--experience-max-open must be an integer >= 1, got -3"):
         make_log(tmp_path, max_open=-3)
 
 

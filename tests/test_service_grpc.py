@@ -956,3 +956,113 @@ def test_metrics_are_served_on_the_metrics_port(service_repo):
     assert get("phalanx_shed_requests_total", reason="queue_full") == 0 if (
         ("phalanx_shed_requests_total", (("reason", "queue_full"),)) in samples) else True
     assert not any("unit_id" in str(k) or "game" in str(k) for k in samples)
+
+
+# --- rough edges of the commands: each refused or explained in one line -----------------------------------------
+
+def test_serve_warns_when_it_waits_on_a_models_directory_or_name_that_holds_nothing(service_repo, tmp_path, caplog):
+    """A mistyped --models or --name would look like a server waiting for a trainer's first version: it still
+    waits (a trainer may publish later), but warns and says what the repository holds."""
+    root, _, _ = service_repo
+
+    async def start(models, name):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="service.server"):
+            async with serving(models, name=name, poll_seconds=30.0, forward_worker="thread") as running:
+                assert running.holder.current is None
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    missing = asyncio.run(start(tmp_path / "nope", "m"))
+    assert len(missing) == 1 and f"the models directory {tmp_path / 'nope'} does not exist" in missing[0]
+    assert "until a version of 'm' appears" in missing[0]
+    wrong_name = asyncio.run(start(root, "M"))
+    assert len(wrong_name) == 1 and "no version of 'M'" in wrong_name[0] and "models holds: m;" in wrong_name[0]
+    (tmp_path / "bare").mkdir()
+    assert "it holds no models yet" in asyncio.run(start(tmp_path / "bare", "m"))[0]
+
+
+def test_client_commands_refuse_bad_flags_before_dialing(service_repo, tmp_path, capfd):
+    """Exit 2 and one line naming the flag: no dialing port 443 for a --server without a port, no gRPC C-core
+    log lines for a --tls-ca that is not PEM, no traceback for a missing token file."""
+    from service.cli import main
+
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    play = ["play", "--scenario", "3m", "--server"]
+    for argv, line in (
+        (play + ["127.0.0.1"], "phalanx play: --server must be HOST:PORT (or [IPv6]:PORT, unix:PATH), got '127.0.0.1'"),
+        (["health", "--server", "127.0.0.1"], "phalanx health: --server must be HOST:PORT (or [IPv6]:PORT, unix:PATH), "
+                                              "got '127.0.0.1'"),
+        (["health", "--timeout", "0"], "phalanx health: --timeout must be > 0 seconds, got 0.0"),
+        (play + ["127.0.0.1:1", "--tls-ca", str(not_pem)],
+         f"phalanx play: --tls-ca {not_pem}: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)"),
+        (["health", "--tls-ca", str(tmp_path / "missing.pem")],
+         f"phalanx health: --tls-ca {tmp_path / 'missing.pem'}: No such file or directory"),
+        (play + ["127.0.0.1:1", "--auth-token-file", str(tmp_path / "missing")],
+         f"phalanx play: --auth-token-file {tmp_path / 'missing'}: No such file or directory"),
+        (play + ["127.0.0.1:1", "--auth-token-file", str(empty)], f"phalanx play: --auth-token-file {empty} is empty"),
+    ):
+        assert main(argv) == 2, argv
+        out, err = capfd.readouterr()  # capfd: gRPC's C core writes its log lines straight to file descriptor 2
+        assert (out, err.strip()) == ("", line)
+
+
+def test_serve_names_the_flag_of_a_file_or_directory_it_cannot_use(service_repo, tmp_path, capsys, monkeypatch):
+    import service.metrics
+    from service.cli import main
+
+    root, _, _ = service_repo
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    serve = ["serve", "--models", str(root), "--name", "m", "--port", "0", "--forward-worker", "thread"]
+    for flags, line in (
+        (["--auth-token-file", str(tmp_path / "missing")],
+         f"--auth-token-file {tmp_path / 'missing'}: No such file or directory"),
+        (["--experience-dir", str(a_file / "shards")],
+         f"--experience-dir {a_file / 'shards'}: cannot create it: Not a directory"),
+        (["--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(a_file)],
+         f"--tls-cert {tmp_path / 'missing.pem'}: No such file or directory"),
+    ):
+        monkeypatch.setattr(service.metrics, "REGISTRY", CollectorRegistry())  # each run registers its metrics
+        assert main(serve + flags) == 2, flags
+        assert capsys.readouterr().err.strip() == f"phalanx serve: {line}"
+
+
+class _CancellingServer(pb_grpc.InferenceServicer):
+    """A stand-in server for `phalanx play --rpc unary` that cancels every Act call, as a server shutting down
+    cancels the calls still in it (the client reads CANCELLED, with no reason)."""
+
+    def __init__(self, scenario):
+        self.scenario = scenario
+
+    def GetModelInfo(self, request, context):
+        sc = self.scenario
+        return pb.ModelInfo(name="m", version=1, spec_name=sc.name, spec_hash=sc.spec_hash, obs_size=sc.obs_size,
+                            n_actions=sc.n_actions, n_agents=sc.n_agents)
+
+    def Act(self, request, context):
+        context.cancel()
+
+
+def test_play_says_what_a_call_cancelled_by_the_server_likely_means(capsys):
+    """gRPC reports a call cut off by a stopping server as "CANCELLED" with details "CANCELLED" (or none): play
+    says what that likely means instead of the code twice."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.cli import main
+
+    pool = ThreadPoolExecutor(4)
+    server = grpc.server(pool)
+    pb_grpc.add_InferenceServicer_to_server(_CancellingServer(load_scenario("3m")), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        code = main(["play", "--server", f"127.0.0.1:{port}", "--scenario", "3m", "--games", "1", "--rpc", "unary"])
+    finally:
+        server.stop(0).wait(10)
+        pool.shutdown(wait=True)
+    err = capsys.readouterr().err
+    assert code == 1 and err.strip() == (f"phalanx play: 127.0.0.1:{port}: CANCELLED: the call was cancelled (the "
+                                         "server shutting down, or the connection dropped)"), err

@@ -329,3 +329,74 @@ def test_the_image_serves_grpc_and_metrics_on_every_interface():
     cmd = json.loads(next(line for line in dockerfile.splitlines() if line.startswith("CMD "))[4:])
     args = build_parser().parse_args(cmd)
     assert (args.command, args.host, args.metrics_host, args.metrics_port) == ("serve", "0.0.0.0", "0.0.0.0", 9100)
+
+
+# --- the commands' one-line messages ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("code, details, line", [
+    (grpc.StatusCode.CANCELLED, "CANCELLED", "CANCELLED: the call was cancelled (the server shutting down, or the "
+                                             "connection dropped)"),
+    (grpc.StatusCode.CANCELLED, "", "CANCELLED: the call was cancelled"),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", "DEADLINE_EXCEEDED: no answer within the call's deadline"),
+    (grpc.StatusCode.INTERNAL, "Internal error from Core", "INTERNAL: gRPC failed the call without a reason"),
+    (grpc.StatusCode.DATA_LOSS, None, "DATA_LOSS: gRPC gave no details"),
+    (grpc.StatusCode.UNAVAILABLE, "no model loaded yet", "UNAVAILABLE: no model loaded yet"),  # a reason: kept
+])
+def test_rpc_errors_without_a_reason_say_what_their_code_likely_means(code, details, line):
+    from service.client import rpc_error_text
+
+    assert rpc_error_text(code, details).startswith(line)
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:50051", "localhost:1", "[::1]:50051", "dns:///svc.local:50051",
+                                    "dns://8.8.8.8/svc:443", "unix:/tmp/phalanx.sock", "unix-abstract:phalanx"])
+def test_server_addresses_with_a_port_are_accepted(target):
+    from service.client import check_target
+
+    check_target(target)
+
+
+@pytest.mark.parametrize("target, words", [
+    ("127.0.0.1", "must be HOST:PORT"), ("localhost:", "must be HOST:PORT"), (":50051", "must be HOST:PORT"),
+    ("::1", "must be HOST:PORT"), ("[::1]", "must be HOST:PORT"), ("host:port", "must be HOST:PORT"),
+    ("unix:", "must be HOST:PORT"), ("dns:///svc.local", "must be HOST:PORT"),
+    ("127.0.0.1:0", "port must lie in 1..65535"), ("127.0.0.1:70000", "port must lie in 1..65535"),
+])
+def test_server_addresses_without_a_port_are_refused(target, words):
+    """gRPC would dial port 443 for a bare HOST: the commands refuse it rather than wait on the wrong port."""
+    from service.client import check_target
+
+    with pytest.raises(ValueError, match=f"{words}.*got {target!r}".replace("[", r"\[").replace("]", r"\]")):
+        check_target(target)
+
+
+def test_phalanx_version_prints_the_installed_version(capsys, monkeypatch):
+    import importlib.metadata
+
+    from service.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"phalanx {importlib.metadata.version('phalanx')}"
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--version"])
+    assert capsys.readouterr().out.strip() == "phalanx unknown"
+
+
+@pytest.mark.parametrize("command", ["serve", "health", "play"])
+def test_every_service_flag_with_a_default_says_it_in_its_help(command):
+    import argparse
+
+    from service.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    silent = [action.option_strings[0] for action in sub.choices[command]._actions
+              if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS)
+              and "default" not in (action.help or "")]
+    assert silent == []
