@@ -250,3 +250,21 @@ def test_a_resumed_run_that_ends_below_its_start_says_so(tmp_path, capsys):
     assert "(was 1.000)" in err and "this run's best was" in err
     train(tiny_cfg(tmp_path, resume="1", eval_episodes=8))  # other games: not comparable, no warning
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_run_that_fails_lets_go_of_its_name(tmp_path, monkeypatch):
+    """The claim on a name is released however a run ends: a failed run in a long-lived process (a notebook, a
+    benchmark driver) must not leave the name locked against the next run."""
+    import trainer.ppo as ppo
+
+    real_evaluate = ppo.evaluate
+
+    def broken(*args, **kw):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(ppo, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="evaluation broke") as failed:
+        train(tiny_cfg(tmp_path))
+    monkeypatch.setattr(ppo, "evaluate", real_evaluate)
+    assert failed.value is not None  # the traceback (and its frames) still alive, as a caller would keep it
+    assert train(tiny_cfg(tmp_path)).summary["version"] == 1

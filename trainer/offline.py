@@ -34,6 +34,7 @@ V(x) as the bootstrap of the row before it.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,11 @@ def _score(policy: Policy, obs: torch.Tensor, mask: torch.Tensor, unit: torch.Te
 
 def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
     """Learn from logged shards as configured; returns the summary (the CLI's final JSON line), policy, history."""
+    with contextlib.ExitStack() as held:  # the run's claim on the name, released however it ends
+        return _train_offline(cfg, metrics, held)
+
+
+def _train_offline(cfg: OfflineConfig, metrics, held: contextlib.ExitStack) -> TrainResult:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError("--device cuda was asked for, but torch sees no CUDA device")
     if cfg.threads:
@@ -169,7 +175,7 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
     samples = torch.nonzero(data_d["sample"]).squeeze(1)
     n = samples.shape[0]
     log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(cfg.models) / cfg.name / "logs"
-    claim = prepare_outputs(repo, cfg.name, log_dir)  # held until this function returns (the file closes)
+    held.enter_context(prepare_outputs(repo, cfg.name, log_dir))
     csv_path = log_dir / f"{cfg.name}-{sc.name}-offline.csv"
     history: list[dict] = []
     prior = _prior_rows(csv_path)  # earlier offline runs of this name: the log grows, one block of rows a run
@@ -258,7 +264,6 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
                                "eval_mean_return": ev["mean_return"], "resumed_from": resumed_from,
                                "offline": offline,
                                "training": {**training_settings(cfg), "critic_warmup": warmup}})
-    claim.close()
     if metrics is not None:
         metrics.update_eval(win_rate=ev["win_rate"], mean_return=ev["mean_return"], version=version)
     elapsed = time.perf_counter() - t0

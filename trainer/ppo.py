@@ -19,6 +19,7 @@ Timeouts are treated as terminal (SMAC's convention: the time limit is part of t
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -290,11 +291,12 @@ def train(cfg: TrainConfig, *, metrics=None) -> TrainResult:
     `metrics` is a `trainer.train_metrics.TrainMetrics` (or None): updated every iteration, pushed at evals.
     A first SIGINT or SIGTERM ends the run early but whole (GracefulStop); summary["stop_reason"] says why it
     ended: budget, target, or the signal's name."""
-    with GracefulStop() as graceful:
-        return _train(cfg, metrics, graceful)
+    with GracefulStop() as graceful, contextlib.ExitStack() as held:
+        return _train(cfg, metrics, graceful, held)
 
 
-def _train(cfg: TrainConfig, metrics, graceful: GracefulStop) -> TrainResult:
+def _train(cfg: TrainConfig, metrics, graceful: GracefulStop, held: contextlib.ExitStack) -> TrainResult:
+    """`train`'s body; `held` closes what the run holds (its claim on the name) however the run ends."""
     (rank, world), device = _dist_info(), cfg.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError("--device cuda was asked for, but torch sees no CUDA device")
@@ -370,9 +372,9 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop) -> TrainResult:
     # a version made from shards records no simulator samples or minutes: the curve's own last row does
     samples_before = int(card.get("samples") or (prior[-1]["samples"] if prior else 0))
     minutes_before = float(card.get("minutes") or (prior[-1]["minutes"] if prior else 0.0))
-    bar, claim = None, None
+    bar = None
     if rank == 0:
-        claim = prepare_outputs(repo, cfg.name, log_dir)
+        held.enter_context(prepare_outputs(repo, cfg.name, log_dir))
         if cfg.progress:
             from tqdm import tqdm
             bar = tqdm(total=budget_steps, unit="step", unit_scale=True, dynamic_ncols=True, file=sys.stderr,
@@ -580,7 +582,6 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop) -> TrainResult:
     summary = {}
     if rank == 0:
         _plot(prior + history, log_dir / f"{cfg.name}-{cfg.scenario}.png", title=f"{cfg.name} on {sc.name}")
-        claim.close()  # the last write of this run is done: another may take the name
         start_win = card.get("eval_win_rate") if resumed_from is not None else None
         comparable = (card.get("eval_episodes"), card.get("eval_seed")) == (cfg.eval_episodes, cfg.seed)
         if start_win is not None and last_eval is not None and comparable and last_eval < start_win:
@@ -611,7 +612,7 @@ def weights_finite(policy: Policy) -> bool:
 
 def prepare_outputs(repo: ModelRepository, name: str, log_dir: Path):
     """Make sure versions and logs can be written before a run spends its budget, and claim the name: returns
-    the open lock file (ModelRepository.claim) the caller keeps open until its last write."""
+    the open lock file (ModelRepository.claim), to keep open (a `with`) until the run's last write."""
     try:
         claim = repo.claim(name)
         log_dir.mkdir(parents=True, exist_ok=True)
