@@ -698,6 +698,26 @@ def test_phalanx_health_exits_0_only_while_a_model_serves(service_repo, tmp_path
     assert nobody[0] == 1 and nobody[1]["status"] == "UNREACHABLE" and nobody[1]["code"] == "UNAVAILABLE"
 
 
+@contextlib.contextmanager
+def stand_in_server(servicer):
+    """A plain gRPC server on 127.0.0.1 for a stand-in servicer; yields its port. On the way out it lets a held
+    handler go (`servicer.release`, if any) and waits for every handler thread to end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(4)
+    server = grpc.server(pool)
+    pb_grpc.add_InferenceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        if hasattr(servicer, "release"):
+            servicer.release.set()
+        server.stop(0).wait(10)
+        pool.shutdown(wait=True)  # no handler thread outlives the test
+
+
 class _MisbehavingStreams(pb_grpc.InferenceServicer):
     """A stand-in server for `phalanx play`: the right model info, then an ActStream that never answers,
     refuses every message, or ends unanswered (as a draining server ends it) once it has read the first step."""
@@ -729,23 +749,11 @@ class _MisbehavingStreams(pb_grpc.InferenceServicer):
     ("ends", "UNAVAILABLE: the server ended the stream"),
 ])
 def test_play_over_a_stream_ends_with_one_line_when_the_server_fails_it(capsys, mode, words):
-    from concurrent.futures import ThreadPoolExecutor
-
     from service.cli import main
 
-    fake = _MisbehavingStreams(load_scenario("3m"), mode)
-    pool = ThreadPoolExecutor(4)
-    server = grpc.server(pool)
-    pb_grpc.add_InferenceServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with stand_in_server(_MisbehavingStreams(load_scenario("3m"), mode)) as port:
         code = main(["play", "--server", f"127.0.0.1:{port}", "--scenario", "3m", "--games", "1", "--rpc", "stream",
                      "--timeout", "0.5"])
-    finally:
-        fake.release.set()
-        server.stop(0).wait(10)
-        pool.shutdown(wait=True)  # no handler thread outlives the test
     err = capsys.readouterr().err
     assert code == 1 and err.startswith(f"phalanx play: 127.0.0.1:{port}: {words}"), err
     assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
@@ -754,16 +762,8 @@ def test_play_over_a_stream_ends_with_one_line_when_the_server_fails_it(capsys, 
 def test_the_sync_client_stream_gives_up_on_an_answer_after_answer_timeout():
     """A stream whose server never answers: recv() raises DEADLINE_EXCEEDED after answer_timeout instead of
     blocking the game loop forever, and the stream is cancelled (a late answer would be taken for the next)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     scenario = load_scenario("3m")
-    fake = _MisbehavingStreams(scenario, "silent")
-    pool = ThreadPoolExecutor(4)
-    server = grpc.server(pool)
-    pb_grpc.add_InferenceServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with stand_in_server(_MisbehavingStreams(scenario, "silent")) as port:
         with Client(f"127.0.0.1:{port}", retries=0) as client:
             stream = client.stream(answer_timeout=0.3)
             stream.send(act_request(np.zeros(scenario.obs_size, np.float32), np.ones(scenario.n_actions, bool), 0))
@@ -771,10 +771,6 @@ def test_the_sync_client_stream_gives_up_on_an_answer_after_answer_timeout():
             with pytest.raises(StreamError) as raised:
                 stream.recv()
             waited = time.perf_counter() - started
-    finally:
-        fake.release.set()
-        server.stop(0).wait(10)
-        pool.shutdown(wait=True)
     assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "answer_timeout" in str(raised.value)
     assert 0.3 <= waited < 5
 
@@ -1049,20 +1045,10 @@ class _CancellingServer(pb_grpc.InferenceServicer):
 def test_play_says_what_a_call_cancelled_by_the_server_likely_means(capsys):
     """gRPC reports a call cut off by a stopping server as "CANCELLED" with details "CANCELLED" (or none): play
     says what that likely means instead of the code twice."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from service.cli import main
 
-    pool = ThreadPoolExecutor(4)
-    server = grpc.server(pool)
-    pb_grpc.add_InferenceServicer_to_server(_CancellingServer(load_scenario("3m")), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with stand_in_server(_CancellingServer(load_scenario("3m"))) as port:
         code = main(["play", "--server", f"127.0.0.1:{port}", "--scenario", "3m", "--games", "1", "--rpc", "unary"])
-    finally:
-        server.stop(0).wait(10)
-        pool.shutdown(wait=True)
     err = capsys.readouterr().err
     assert code == 1 and err.strip() == (f"phalanx play: 127.0.0.1:{port}: CANCELLED: the call was cancelled (the "
                                          "server shutting down, or the connection dropped)"), err
