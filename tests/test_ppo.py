@@ -268,3 +268,22 @@ def test_a_run_that_fails_lets_go_of_its_name(tmp_path, monkeypatch):
     monkeypatch.setattr(ppo, "evaluate", real_evaluate)
     assert failed.value is not None  # the traceback (and its frames) still alive, as a caller would keep it
     assert train(tiny_cfg(tmp_path)).summary["version"] == 1
+
+
+def test_graceful_stop_quits_at_once_only_on_the_same_signal_again():
+    """Under torchrun one Ctrl-C reaches a rank as SIGINT and then, from torchrun, as SIGTERM: that must not cut
+    short the last evaluation and save. The same signal twice is the user insisting. Handlers are undone after."""
+    import os
+    import signal
+
+    from trainer.ppo import GracefulStop
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with GracefulStop() as graceful:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert graceful.signal == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun passing the stop on
+        assert graceful.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -262,7 +262,9 @@ def leave_process_group(exit_code: int) -> NoReturn:
 class GracefulStop:
     """SIGINT (Ctrl-C) or SIGTERM (`docker stop`, a scheduler) while training: finish the iteration, evaluate and
     save a last version as at the end of the budget, then return; the same signal again quits at once
-    (KeyboardInterrupt). Installed only in the main thread (signals reach no other), and undone on exit."""
+    (KeyboardInterrupt). Only the same one: under torchrun, Ctrl-C reaches each rank as SIGINT and then, from
+    torchrun itself, as SIGTERM (which it follows with SIGKILL after 30 s). Installed only in the main thread
+    (signals reach no other), and undone on exit."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -275,8 +277,10 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signal is not None:
+        if self.signal == signum:
             raise KeyboardInterrupt
+        if self.signal is not None:
+            return
         self.signal = signum
         print(f"\n{signal.Signals(signum).name}: stopping after this iteration with a last evaluation and version "
               f"(again to quit at once)", file=sys.stderr, flush=True)
