@@ -82,6 +82,24 @@ def test_phalanx_train_under_torchrun(tmp_path):
     assert ModelRepository(models).versions("ddp") == [1, 2]
 
 
+def _torchrun_train(tmp_path, *flags: str) -> tuple[int, str]:
+    """`phalanx train` on 3m under torchrun with two ranks, expected to stop at once: (exit code, stderr). Fails
+    the test if the ranks are still running after 120 s (one waiting in a collective the other never joins)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "service.cli", "train", "--scenario", "3m", "--models", str(tmp_path / "models"), "--name", "x",
+           "--envs", "16", "--hidden", "16", "--steps", "256", "--no-progress", "--threads", "1", *flags]
+    # its own process group, so that a hang (the bug) leaves no rank behind when the test gives up
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("a rank kept waiting for another after it failed to start")
+    return proc.returncode, stderr
+
+
 def test_a_rank_that_cannot_start_stops_every_rank_at_once(tmp_path):
     """Rank 0 alone binds --metrics-port; when that fails, the other rank must not wait in its first collective
     (gloo's timeout is 30 minutes): both exit 2 within seconds and rank 0 names the cause."""
@@ -89,20 +107,8 @@ def test_a_rank_that_cannot_start_stops_every_rank_at_once(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "service.cli", "train", "--scenario", "3m", "--models", str(tmp_path / "models"), "--name", "x",
-               "--envs", "16", "--hidden", "16", "--steps", "256", "--no-progress", "--threads", "1",
-               "--metrics-port", str(port)]
-        # its own process group, so that a hang (the bug) leaves no rank behind when the test gives up
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-        try:
-            _, stderr = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            pytest.fail("rank 1 kept waiting for rank 0 after rank 0 failed to start")
-    assert proc.returncode != 0
+        code, stderr = _torchrun_train(tmp_path, "--metrics-port", str(port))
+    assert code != 0
     assert f"--metrics-port {port}: cannot listen" in stderr
     assert "rank 1 stops: another rank could not start" in stderr
     assert not (tmp_path / "models" / "x").exists()
@@ -110,7 +116,7 @@ def test_a_rank_that_cannot_start_stops_every_rank_at_once(tmp_path):
 
 def test_a_gpu_process_group_also_carries_the_cpu_tensors_the_ranks_agree_on(tmp_path):
     """On GPU the group is nccl for the gradients, and nccl alone refuses CPU tensors: the start-up check and the
-    lr/stop broadcast would fail at the first collective. The GPU backend string must name a CPU backend as well.
+    lr/stop decision would fail at the first collective. The GPU backend string must name a CPU backend as well.
     No nccl here: a one-rank group with nccl swapped for gloo runs what a GPU run's CPU collectives run."""
     from trainer.ppo import all_ranks_ready, process_group_backend
 
@@ -121,9 +127,9 @@ def test_a_gpu_process_group_also_carries_the_cpu_tensors_the_ranks_agree_on(tmp
     dist.init_process_group(backend.replace("cuda:nccl", "cuda:gloo"), store=store, rank=0, world_size=1)
     try:
         assert all_ranks_ready(True) and not all_ranks_ready(False)
-        control = torch.tensor([0.5, 1.0], dtype=torch.float64)
-        dist.broadcast(control, 0)
-        assert control.tolist() == [0.5, 1.0]
+        control = torch.tensor([0.5, 1.0, 15.0], dtype=torch.float64)  # the loop's stop decision
+        dist.all_reduce(control, op=dist.ReduceOp.MAX)
+        assert control.tolist() == [0.5, 1.0, 15.0]
         dist.barrier()  # leave_process_group's
     finally:
         dist.destroy_process_group()
@@ -134,3 +140,17 @@ def test_a_gpu_process_group_also_carries_the_cpu_tensors_the_ranks_agree_on(tmp
             all_ranks_ready(True)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_name_in_use_stops_every_rank_at_once(tmp_path):
+    """Rank 0 alone claims the model name; when another run holds it, rank 1 must not wait for rank 0 in the
+    training loop's first collective."""
+    claim = ModelRepository(tmp_path / "models").claim("x")  # another run, writing versions of x
+    try:
+        code, stderr = _torchrun_train(tmp_path)
+    finally:
+        claim.close()
+    assert code != 0
+    assert "another run is writing versions of 'x'" in stderr
+    assert "rank 1 stops: rank 0 could not start" in stderr
+    assert ModelRepository(tmp_path / "models").versions("x") == []

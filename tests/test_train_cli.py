@@ -292,14 +292,17 @@ def test_sigterm_ends_training_with_a_last_evaluated_version(tmp_path):
 def test_a_second_ctrl_c_quits_training_at_once(tmp_path):
     import signal
 
-    proc, models = _start_training(tmp_path, "quit", "--envs", "512", "--rollout", "64")  # iterations of seconds
+    import time
+
+    proc, models = _start_training(tmp_path, "quit", "--envs", "512", "--rollout", "256")  # iterations of seconds
     proc.send_signal(signal.SIGINT)
     said = [proc.stderr.readline() for _ in range(2)]  # a blank line (past a progress bar), then the message
     assert "SIGINT: stopping after this iteration" in said[1], said
+    time.sleep(1.2)  # sooner would be the same stop delivered twice (GracefulStop.repeat_after)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().endswith("interrupted"), err
-    assert out == "" and ModelRepository(models).versions("quit") == []
+    assert out == ""  # no summary: it did not finish the stop (an iteration may have ended and saved meanwhile)
 
 
 @pytest.mark.slow

@@ -214,7 +214,7 @@ def _dist_info() -> tuple[int, int]:
 
 def process_group_backend(device: str) -> str:
     """gloo on CPU; on GPU nccl for CUDA tensors (the gradients) and gloo beside it for the few small CPU
-    tensors the ranks agree on (start-up, the lr/stop broadcast): an nccl-only group refuses CPU tensors."""
+    tensors the ranks agree on (start-up, the lr/stop decision): an nccl-only group refuses CPU tensors."""
     return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
 
 
@@ -261,13 +261,15 @@ def leave_process_group(exit_code: int) -> NoReturn:
 
 class GracefulStop:
     """SIGINT (Ctrl-C) or SIGTERM (`docker stop`, a scheduler) while training: finish the iteration, evaluate and
-    save a last version as at the end of the budget, then return; the same signal again quits at once
-    (KeyboardInterrupt). Only the same one: under torchrun, Ctrl-C reaches each rank as SIGINT and then, from
-    torchrun itself, as SIGTERM (which it follows with SIGKILL after 30 s). Installed only in the main thread
-    (signals reach no other), and undone on exit."""
+    save a last version as at the end of the budget, then return; a signal more than `repeat_after` seconds later
+    quits at once (KeyboardInterrupt). Sooner is the same stop delivered twice: SLURM's scancel signals every
+    process of a job and torchrun passes its own signal on to its ranks as well. Installed only in the main
+    thread (signals reach no other), and undone on exit. Under torchrun a signal to any rank stops them all."""
 
-    def __init__(self):
+    def __init__(self, repeat_after: float = 1.0):
         self.signal: int | None = None
+        self.repeat_after = repeat_after
+        self._first = 0.0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "GracefulStop":
@@ -277,11 +279,11 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signal == signum:
-            raise KeyboardInterrupt
         if self.signal is not None:
+            if time.monotonic() - self._first > self.repeat_after:
+                raise KeyboardInterrupt
             return
-        self.signal = signum
+        self.signal, self._first = signum, time.monotonic()
         print(f"\n{signal.Signals(signum).name}: stopping after this iteration with a last evaluation and version "
               f"(again to quit at once)", file=sys.stderr, flush=True)
 
@@ -376,9 +378,19 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop, held: contextlib.E
     # a version made from shards records no simulator samples or minutes: the curve's own last row does
     samples_before = int(card.get("samples") or (prior[-1]["samples"] if prior else 0))
     minutes_before = float(card.get("minutes") or (prior[-1]["minutes"] if prior else 0.0))
-    bar = None
+    bar, setup_error = None, None
     if rank == 0:
-        held.enter_context(prepare_outputs(repo, cfg.name, log_dir))
+        try:
+            held.enter_context(prepare_outputs(repo, cfg.name, log_dir))
+        except TrainError as e:
+            setup_error = e
+    # every rank learns whether rank 0 could claim the name and write there: a rank left alone in a collective
+    # would wait out gloo's 30-minute timeout
+    if world > 1 and not all_ranks_ready(setup_error is None) and setup_error is None:
+        raise TrainError(f"rank {rank} stops: rank 0 could not start (see its error)")
+    if setup_error is not None:
+        raise setup_error
+    if rank == 0:
         if cfg.progress:
             from tqdm import tqdm
             bar = tqdm(total=budget_steps, unit="step", unit_scale=True, dynamic_ncols=True, file=sys.stderr,
@@ -405,10 +417,12 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop, held: contextlib.E
 
     while True:
         # --- agree on lr and stopping (rank 0 decides: its clock and its evaluation) ----------------------
-        control = torch.tensor([budget_fraction(), float(stop_next)], dtype=torch.float64)
+        # (rank 0's budget clock, rank 0's stop, the signal any rank was sent): a rank told to stop tells them all
+        control = torch.tensor([budget_fraction(), float(stop_next), float(graceful.signal or 0)],
+                               dtype=torch.float64)
         if world > 1:
-            dist.broadcast(control, 0)
-        frac, stop = float(control[0]), bool(control[1])
+            dist.all_reduce(control, op=dist.ReduceOp.MAX)
+        frac, stop, signalled = float(control[0]), bool(control[1]), int(control[2]) or graceful.signal
         if stop:
             break
         lr = cfg.lr * max(1.0 - frac, 0.0) if cfg.anneal_lr else cfg.lr
@@ -541,7 +555,9 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop, held: contextlib.E
 
         # --- 5. evaluate and save ----------------------------------------------------------------------------
         due = (global_step - last_eval_step >= eval_every) if eval_every else (time.perf_counter() - last_eval_time >= 20)
-        over = budget_fraction() >= 1.0 or graceful.signal is not None  # rank 0's signal stops every rank
+        budget_done = budget_fraction() >= 1.0
+        signalled = signalled or graceful.signal  # this rank's own, if it came during this iteration
+        over = budget_done or bool(signalled)
         if due or over:
             ev = evaluate(policy, sc, cfg.eval_episodes, cfg.seed, device=dev)
             last_eval, last_eval_step, last_eval_time = ev["win_rate"], global_step, time.perf_counter()
@@ -576,8 +592,8 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop, held: contextlib.E
                 print(line, file=sys.stderr, flush=True)
             if reached:
                 stop_reason = "target"
-            elif graceful.signal is not None:
-                stop_reason = signal.Signals(graceful.signal).name
+            elif signalled and not budget_done:  # a signal during the budget's own last evaluation changes nothing
+                stop_reason = signal.Signals(int(signalled)).name
             stop_next = over or reached
 
     elapsed = time.perf_counter() - t0
@@ -619,9 +635,13 @@ def prepare_outputs(repo: ModelRepository, name: str, log_dir: Path):
     the open lock file (ModelRepository.claim), to keep open (a `with`) until the run's last write."""
     try:
         claim = repo.claim(name)
-        log_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TrainError(str(e)) from None
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        claim.close()
+        raise TrainError(f"cannot write logs under {log_dir}: {e.strerror or e}") from None
     return claim
 
 
