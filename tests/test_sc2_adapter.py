@@ -184,9 +184,60 @@ def test_unknown_and_mismatched_units_give_clear_errors():
         RawConverter(sc, GEO).assign(raw[raw[:, FeatureUnit.tag] != TAG0])
     conv = RawConverter(sc, GEO, unit_types={9999: "marine"})
     conv.assign(bad)  # a user table fixes it
-    extra = np.concatenate([raw, unit_row(Terran.Marine, 4, TAG0 + 999, (100, 100), 45)[None]])
-    with pytest.raises(SlotError, match="appeared after the episode began"):
-        conv.observe(extra)
+
+
+def test_dead_units_stay_dead_for_the_episode():
+    """SMAC's death tracker: a unit gone from raw_units is dead until the episode ends, even if its tag
+    shows up again (out of sight and back, say); a new episode (assign) starts everyone alive."""
+    sc = load_scenario("3m")
+    raw = full_raw("3m")
+    e0 = TAG0 + 9  # enemy slot 0 (unit 3)
+    conv = RawConverter(sc, GEO)
+    conv.assign(raw)
+    conv.observe(raw[raw[:, FeatureUnit.tag] != e0])
+    back = conv.observe(raw)
+    assert not conv.sim.alive[0, 3] and not back.avail[0, :, 6 + 0].any()
+    enemy_state = 3 + sc.type_bits
+    e_first = sc.n_agents * (4 + sc.type_bits)
+    assert not back.state[0, e_first:e_first + enemy_state].any()
+    conv.assign(raw)  # the next episode
+    assert conv.observe(raw).state[0, e_first:e_first + enemy_state].any() and conv.sim.alive[0, 3]
+
+
+def test_truncated_zero_health_unit_is_alive():
+    """pysc2 truncates health to an integer: a unit with under 1 HP reads 0 but is in raw_units, so alive."""
+    sc = load_scenario("3m")
+    raw = full_raw("3m")
+    conv = RawConverter(sc, GEO)
+    conv.assign(raw)
+    low = raw.copy()
+    low[np.isin(low[:, FeatureUnit.tag], [TAG0, TAG0 + 9]), FeatureUnit.health] = 0  # agent 0, enemy slot 0
+    out = conv.observe(low)
+    assert out.alive[0].all() and conv.sim.alive[0, 3]
+    assert out.avail[0, 0, 1] and not out.avail[0, 0, 0]  # agent 0 acts (no-op is for the dead)
+    own_health = out.obs[0, 0, -sc.own_feature_size].item()
+    assert 0.0 < own_health < 1.0 / 45  # some health, less than 1 HP
+
+
+def test_new_tags_are_ignored_and_a_mutual_wipe_is_a_draw():
+    """SMAC's maps respawn both armies once all units are gone, so new tags can come in the very frame in
+    which every old one vanished: they are ignored, and the episode ends neither won nor timed out."""
+    sc = load_scenario("3m")
+    start = full_raw("3m")
+    conv = RawConverter(sc, GEO)
+    conv.assign(start)
+    extra = np.concatenate([start, unit_row(Terran.Marine, 4, TAG0 + 999, (100, 100), 45)[None]])
+    assert conv.observe(extra).alive[0].all()  # a unit outside the slots does not disturb them
+    respawned = start.copy()
+    respawned[:, FeatureUnit.tag] += 1  # the same armies with new tags
+    env = ScriptedEnv([start, respawned])
+    battle = SC2Battle(sc, env, auto_reset=False)
+    out = battle.reset()
+    out = battle.step(torch.where(out.avail[0, :, 1], 1, 0)[None])
+    assert out.done.item() and not out.won.item() and not out.timeout.item()
+    assert out.allies_left.item() == 0 and out.enemies_left.item() == 0
+    enemy_hp = sum(u.health for u in sc.enemies)  # every enemy died from full health: damage and kills count
+    assert out.reward.item() == pytest.approx((enemy_hp + 10.0 * sc.n_enemies) / (sc.max_reward / 20.0))
 
 
 # --- policy actions -> raw commands --------------------------------------------------------------------
@@ -233,15 +284,21 @@ def test_medivac_heals_ally_slots_and_dead_agents_send_nothing():
 
 # --- SC2Battle over pysc2's mock env -------------------------------------------------------------------
 class ScriptedEnv:
-    """pysc2's SC2TestEnv whose raw_units follow a script: frame i after the i-th step of an episode."""
+    """pysc2's SC2TestEnv whose raw_units follow a script: frame i after the i-th step of an episode.
 
-    def __init__(self, frames: list[np.ndarray]):
-        aif = sc2_env.AgentInterfaceFormat(use_raw_units=True, use_raw_actions=True, raw_resolution=256,
-                                           action_space=actions.ActionSpace.RAW)
+    map_size: the game's map (`game_info.start_raw.map_size`; the mock's own is 256 x 256), raw_resolution
+    the raw grid; episode_length: steps until the mock's own TimeStep says LAST."""
+
+    def __init__(self, frames: list[np.ndarray], map_size=(32, 32), raw_resolution=256, episode_length=10):
+        aif = sc2_env.AgentInterfaceFormat(use_raw_units=True, use_raw_actions=True,
+                                           raw_resolution=raw_resolution, action_space=actions.ActionSpace.RAW)
         self.mock = mock_sc2_env.SC2TestEnv(
             map_name="3m", players=[sc2_env.Agent(sc2_env.Race.terran),
                                     sc2_env.Bot(sc2_env.Race.terran, sc2_env.Difficulty.very_hard)],
             agent_interface_format=aif)
+        self.mock.episode_length = episode_length
+        size = self.mock.game_info[0].start_raw.map_size
+        size.x, size.y = map_size
         self.frames, self.i, self.sent = frames, 0, []
         self.game_info, self.action_spec = self.mock.game_info, self.mock.action_spec
 
@@ -282,8 +339,7 @@ def test_sc2battle_reward_from_damage_kills_and_win():
     not_yet = start[start[:, FeatureUnit.alliance] != 1]  # our units have not spawned yet
     env = ScriptedEnv([not_yet, start, f1, f2, f3])
     battle = SC2Battle(sc, env)
-    assert battle.conv.geometry == RawGeometry((256.0, 256.0), (256, 256))  # read from the env
-    battle.conv.geometry = GEO
+    assert battle.conv.geometry == GEO  # read from the env
     out = battle.reset()
     assert len(env.sent) == 1 and env.sent[0] == [[]]  # one no-op step waiting for our units
     assert out.obs.shape == (1, 3, sc.obs_size) and out.avail[0, :, 1].all()
@@ -315,3 +371,154 @@ def test_sc2battle_game_end_is_a_timeout_loss():
     assert out.timeout.item() and not out.won.item() and out.episode_length.item() == 10
     with pytest.raises(ValueError, match=r"shape \(1, n_agents\)"):
         battle.step(torch.zeros(3, dtype=torch.int64))
+
+
+def test_sc2battle_dead_unit_reappearing_is_not_killed_twice():
+    sc = load_scenario("3m")
+    start = full_raw("3m")
+    hp = {int(r[FeatureUnit.tag]): int(r[FeatureUnit.health]) for r in start}
+    e0, e1, e2 = TAG0 + 9, TAG0 + 12, TAG0 + 15
+    gone = start[start[:, FeatureUnit.tag] != e0]
+    rest_dead = start[~np.isin(start[:, FeatureUnit.tag], [e1, e2])]  # e0 is back in it
+    env = ScriptedEnv([start, gone, start, gone, rest_dead])
+    battle = SC2Battle(sc, env, auto_reset=False)
+    out = battle.reset()
+    scale = sc.max_reward / 20.0
+    expected = [hp[e0] + 10.0, 0.0, 0.0, hp[e1] + hp[e2] + 20.0 + 200.0]  # e0's kill counted once
+    for i, r in enumerate(expected):
+        out = battle.step(torch.where(out.avail[0, :, 1], 1, 0)[None])
+        assert out.reward.item() == pytest.approx(r / scale), f"step {i + 1}"
+        assert out.done.item() == (i == 3)
+    assert out.won.item() and out.enemies_left.item() == 0
+
+
+def test_sc2battle_loss_when_our_army_is_gone():
+    sc = load_scenario("3m")
+    start = full_raw("3m")
+    e0 = TAG0 + 9
+    ours_dead = _hit(start[start[:, FeatureUnit.alliance] != 1], e0, int(sc.enemies[0].health) - 10)
+    battle = SC2Battle(sc, ScriptedEnv([start, ours_dead]), auto_reset=False)
+    out = battle.reset()
+    out = battle.step(torch.where(out.avail[0, :, 1], 1, 0)[None])
+    assert out.done.item() and not out.won.item() and not out.timeout.item()
+    assert out.allies_left.item() == 0 and out.enemies_left.item() == 3
+    assert out.reward.item() == pytest.approx(10.0 / (sc.max_reward / 20.0))  # no win bonus; damage still counts
+    assert not out.avail[0, :, 1:].any()  # dead agents may only no-op
+
+
+def test_sc2battle_only_healers_left_ends_the_battle():
+    """Only medivacs left is a dead army (SMAC's only_medivac_left): theirs is our win, ours our loss."""
+    sc = load_scenario("MMM")  # slot 0 of each side is its medivac
+    start = full_raw("MMM")
+    enemy_fighters = [TAG0 + 3 * i for i in range(11, 20)]
+    only_their_medivac = start[~np.isin(start[:, FeatureUnit.tag], enemy_fighters)]
+    battle = SC2Battle(sc, ScriptedEnv([start, only_their_medivac]), auto_reset=False)
+    out = battle.reset()
+    out = battle.step(torch.where(out.avail[0, :, 1], 1, 0)[None])
+    fighters_hp = sum(u.health for u in sc.enemies[1:])
+    assert out.done.item() and out.won.item() and out.enemies_left.item() == 1
+    assert out.reward.item() == pytest.approx((fighters_hp + 90.0 + 200.0) / (sc.max_reward / 20.0))
+    our_fighters = [TAG0 + 3 * i for i in range(1, 10)]
+    battle = SC2Battle(sc, ScriptedEnv([start, start[~np.isin(start[:, FeatureUnit.tag], our_fighters)]]),
+                       auto_reset=False)
+    out = battle.reset()
+    out = battle.step(torch.where(out.avail[0, :, 1], 1, 0)[None])
+    assert out.done.item() and not out.won.item() and not out.timeout.item() and out.allies_left.item() == 1
+
+
+def test_sc2battle_episode_limit_is_a_timeout_loss():
+    sc = load_scenario("3m")
+    env = ScriptedEnv([full_raw("3m")], episode_length=10 * sc.episode_limit)  # the game itself goes on
+    battle = SC2Battle(sc, env, auto_reset=False)
+    out = battle.reset()
+    for i in range(sc.episode_limit):
+        out = battle.step(torch.where(out.avail[0, :, 1], 1, 0)[None])
+        assert out.done.item() == (i == sc.episode_limit - 1)
+    assert out.timeout.item() and not out.won.item() and out.episode_length.item() == sc.episode_limit
+
+
+def test_sc2battle_reward_ignores_enemy_healing():
+    """Health an enemy gains (medivac heals, regeneration) is not negative reward: each enemy's loss is
+    clamped at zero before summing, as in the simulator (engine.py)."""
+    sc = load_scenario("MMM")
+    start = full_raw("MMM")
+    m1, m2 = TAG0 + 3 * 13, TAG0 + 3 * 14  # two enemy marines
+    full = int(sc.enemies[3].health)
+    hurt = _hit(start, m1, full - 20)
+    healed = _hit(hurt, m1, full - 15)  # +5 HP, nothing else
+    healed_and_hit = _hit(_hit(healed, m1, full - 10), m2, full - 10)  # +5 HP on one, -10 HP on another
+    battle = SC2Battle(sc, ScriptedEnv([start, hurt, healed, healed_and_hit]), auto_reset=False)
+    out = battle.reset()
+    scale = sc.max_reward / 20.0
+    for r in (20.0, 0.0, 10.0):
+        out = battle.step(torch.where(out.avail[0, :, 1], 1, 0)[None])
+        assert out.reward.item() == pytest.approx(r / scale)
+
+
+# --- the real game's set-up, without the game --------------------------------------------------------
+MIXED = """
+[scenarios.stalkers_vs_zerglings]
+map = [40, 24]
+episode_limit = 50
+agents = [{ unit = "stalker", count = 2 }]
+enemies = [{ unit = "zergling", count = 4 }]
+agent_spawn = [9, 12]
+enemy_spawn = [31, 12]
+"""
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """A scenario whose teams are of different races, on a map wider than high."""
+    path = tmp_path / "mixed.toml"
+    path.write_text(MIXED)
+    return load_scenario("stalkers_vs_zerglings", [path])
+
+
+def test_make_sc2_env_arguments(mixed, monkeypatch):
+    """What make_sc2_env asks pysc2 for, captured instead of starting the game."""
+    got = {}
+
+    def fake_env(**kwargs):
+        got.update(kwargs)
+        return "env"
+
+    monkeypatch.setattr(sc2_env, "SC2Env", fake_env)
+    from trainer.sc2 import make_sc2_env
+
+    assert make_sc2_env(mixed, seed=5) == "env"
+    agent, bot = got["players"]
+    assert isinstance(agent, sc2_env.Agent) and agent.race == [sc2_env.Race.protoss]
+    assert isinstance(bot, sc2_env.Bot) and bot.race == [sc2_env.Race.zerg]
+    assert bot.difficulty == sc2_env.Difficulty.very_hard and int(bot.difficulty) == 7  # SMAC's "7"
+    assert got["map_name"].filename == "stalkers_vs_zerglings" and got["map_name"].directory == "SMAC_Maps"
+    assert got["step_mul"] == 8 and got["random_seed"] == 5 and got["game_steps_per_episode"] == 0
+    assert got["disable_fog"] is False  # SMAC plays with fog of war
+    aif = got["agent_interface_format"]
+    assert aif.use_raw_units and aif.use_raw_actions and tuple(aif.raw_resolution) == (320, 320)  # 8 x 40
+    make_sc2_env(mixed, map_name="other", difficulty="easy", step_mul=4)
+    assert got["players"][1].difficulty == sc2_env.Difficulty.easy
+    assert got["map_name"].filename == "other" and got["step_mul"] == 4
+
+
+def test_geometry_from_env_on_a_non_square_map(mixed):
+    """Map size x, y read the right way round, checked against the scenario, and equal to pysc2's transform."""
+    from trainer.sc2 import geometry_from_env
+
+    env = ScriptedEnv([], map_size=(40, 24), raw_resolution=(320, 192))  # a non-square grid too
+    geo = geometry_from_env(env, scenario=mixed)
+    assert geo == RawGeometry((40.0, 24.0), (320, 192))
+    aif = sc2_env.AgentInterfaceFormat(use_raw_units=True, use_raw_actions=True, raw_resolution=(320, 192),
+                                       action_space=actions.ActionSpace.RAW)
+    feats = features.Features(aif, map_size=point.Point(40, 24))
+    world = [(30.3, 5.2), (4.9, 20.7)]
+    units = [dummy_observation.FeatureUnit(Protoss.Stalker, 1, owner=1, pos=common_pb2.Point(x=x, y=y, z=0),
+                                           radius=0.625, health=80, health_max=80, is_on_screen=True)
+             for x, y in world]
+    obs = feats.transform_obs(dummy_observation.Builder(feats.observation_spec()).feature_units(units).build())
+    got = geo.to_map(obs["raw_units"][:, [FeatureUnit.x, FeatureUnit.y]])
+    assert (np.abs(got - np.array(world)) <= 0.5 / geo.scale + 1e-9).all()  # half a raw cell
+    with pytest.raises(ValueError, match=r"40 x 24.*3m.*32 x 32"):
+        geometry_from_env(env, scenario=load_scenario("3m"))
+    with pytest.raises(ValueError, match=r"40 x 24"):
+        SC2Battle(load_scenario("3m"), env)  # SC2Battle checks too

@@ -11,12 +11,17 @@ s = raw_resolution / max(W, H), (W, H) = `game_info.start_raw.map_size`. `RawGeo
 (taking the cell centre, as pysc2 itself does for actions) and then subtracts `origin`, the world point
 that is the scenario's (0, 0); the scenario's north (+y) is the game's north. Positions are therefore
 only as fine as one raw cell: use a `raw_resolution` several times the map size (SC2Battle uses 8x).
-pysc2 also truncates health, shield, energy and weapon cooldown to integers in `raw_units`.
+pysc2 also truncates health, shield, energy and weapon cooldown to integers in `raw_units` (int64).
 
 Slots. On the first frame of an episode (`assign`) every own/enemy unit gets the slot of the scenario's
 agent/enemy list: the units of each type, sorted by tag, fill that type's slots in scenario order. A slot
-keeps its unit's tag for the whole episode (as SMAC keeps a unit's id); when the tag is gone the unit is
-dead and its slot stays, zeroed, like the simulator's dead units.
+keeps its unit's tag for the whole episode (as SMAC keeps a unit's id).
+
+Life and death follow SMAC: a unit in `raw_units` is alive, whatever its truncated health reads; once its
+tag is gone the unit is dead for the rest of the episode (SMAC's death tracker), even if the tag comes
+back, and its slot stays, zeroed, like the simulator's dead units. Tags that hold no slot are ignored, as
+SMAC ignores them: SMAC's maps respawn both armies once every unit is dead, so after a mutual wipe new
+tags arrive in the same frame in which the old ones vanish.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from trainer.sim.scenario import N_NON_ATTACK_ACTIONS, Scenario
 
 RAW = sc2_actions.RAW_FUNCTIONS
 SELF, ENEMY = 1, 4  # FeatureUnit.alliance values (2 ally and 3 neutral are ignored)
+# Health for a unit in raw_units whose health reads 0: pysc2 truncates health to an integer, so its true
+# health lies in (0, 1); the middle keeps it alive in the features and puts the reward off by under half an HP.
+TRUNCATED_HEALTH = 0.5
 
 # pysc2 (standard StarCraft II) unit type ids -> the built-in scenarios' unit names
 DEFAULT_UNIT_TYPES: dict[int, str] = {
@@ -51,7 +59,8 @@ DEFAULT_UNIT_TYPES: dict[int, str] = {
 
 
 class SlotError(ValueError):
-    """The game's units do not fit the scenario's slots (unknown type, wrong count, a new unit)."""
+    """The game's units do not fit the scenario's slots (an unknown unit type, the wrong count), or there
+    are no slots yet (observe() before assign())."""
 
 
 def smac_ally_unit_types(scenario: Scenario, min_type_id: int) -> dict[int, str]:
@@ -139,6 +148,7 @@ class RawConverter:
         self.sim = BattleSim(scenario, 1, check_actions=False, auto_reset=False)
         self.A, self.M = sc.n_agents, sc.n_enemies
         self.tags = np.zeros(self.A + self.M, np.int64)  # (U,) the unit tag in each slot; 0 before `assign`
+        self.dead = np.zeros(self.A + self.M, bool)  # (U,) SMAC's death tracker: gone once, dead all episode
         self._own_types: dict[int, str] = self.unit_types
 
     # --- raw units -> slots ---------------------------------------------------------------------------
@@ -186,10 +196,13 @@ class RawConverter:
             for i, u in enumerate(team):
                 tags[first + i] = queues[u.name].pop(0)
         self.tags = tags
+        self.dead = np.zeros(self.A + self.M, bool)
         self.sim.last_actions = torch.zeros_like(self.sim.last_actions)
 
     def observe(self, observation, last_actions=None) -> StepOutput:
-        """Write the frame's units into the simulator's state and recompute its features.
+        """Write the frame's units into the simulator's state and recompute its features. A slot whose
+        tag is missing from the frame is dead from now to the end of the episode; tags without a slot
+        are ignored (see the module docstring).
 
         observation: a TimeStep / observation / raw_units array of the current frame.
         last_actions: (A,) the actions just taken (SMAC's last-action one-hots in the state); None keeps them.
@@ -205,18 +218,16 @@ class RawConverter:
         alive = np.zeros(U, bool)
         for slot, tag in enumerate(self.tags):
             i = row_of.get(int(tag))
-            if i is None or raw[i, FeatureUnit.health] <= 0:
+            if i is None:  # gone: dead, and dead it stays, should the tag show up again (its kill counted once)
+                self.dead[slot] = True
+            if self.dead[slot]:
                 continue
             row = raw[i]
             alive[slot] = True
             pos[slot] = self.geometry.to_map(row[[FeatureUnit.x, FeatureUnit.y]])
-            hp[slot], sh[slot] = row[FeatureUnit.health], row[FeatureUnit.shield]
+            hp[slot] = max(float(row[FeatureUnit.health]), TRUNCATED_HEALTH)
+            sh[slot] = row[FeatureUnit.shield]
             energy[slot], cooldown[slot] = row[FeatureUnit.energy], row[FeatureUnit.weapon_cooldown]
-        known = set(int(t) for t in self.tags)
-        for row in raw[np.isin(raw[:, FeatureUnit.alliance], (SELF, ENEMY))]:
-            if int(row[FeatureUnit.tag]) not in known:
-                raise SlotError(f"unit tag {int(row[FeatureUnit.tag])} (type id {int(row[FeatureUnit.unit_type])}) "
-                                "appeared after the episode began; slots are fixed at assign()")
         f32 = lambda a: torch.as_tensor(a, dtype=torch.float32)[None]  # noqa: E731
         sim.pos, sim.hp, sim.sh = f32(pos), f32(hp), f32(sh)
         sim.energy, sim.cooldown = f32(energy), f32(cooldown)

@@ -4,6 +4,14 @@ Playing needs the game: StarCraft II installed (SC2PATH pointing at it, or the d
 platform), SMAC's maps copied into `$SC2PATH/Maps/SMAC_Maps/` (https://github.com/oxwhirl/smac#smac-maps),
 and `pysc2-evolved` (the `sc2` extra). Without them pass any pysc2-style env object to `SC2Battle(env=...)`
 (tests use pysc2's `mock_sc2_env.SC2TestEnv`).
+
+Seeds. SMAC seeds the game once at launch and starts each later episode inside the same game (it kills
+every unit and the map respawns them), so the game's random numbers run on across episodes. pysc2's
+`reset()` instead creates the game anew for every episode (with a bot there are two players, so no fast
+restart: the map is reloaded) and sets the same `random_seed` on each creation: with a fixed `seed` the
+built-in bot's random choices start from the same state every episode. pysc2 has no public way to change
+the seed between episodes, so keep `seed=None` for training (the game then draws its own seed for each
+game) and fix it only to reproduce a run.
 """
 
 from __future__ import annotations
@@ -60,10 +68,16 @@ def team_race(scenario: Scenario, agents: bool = True) -> str:
 
 
 def make_sc2_env(scenario: Scenario, *, map_name: str | None = None, difficulty: str = "very_hard",
-                 step_mul: int = 8, raw_resolution: int | None = None, seed: int | None = None, **kwargs):
+                 step_mul: int = 8, raw_resolution: int | None = None, seed: int | None = None,
+                 disable_fog: bool = False, **kwargs):
     """A pysc2 SC2Env for the scenario: raw units and raw actions, our race against the built-in bot
     (SMAC's difficulty "7" is very_hard) on the SMAC map of the same name. Starts StarCraft II.
-    `kwargs` go to SC2Env (visualize, replay_dir, disable_fog, ...)."""
+
+    seed: the game's random seed, re-applied at every episode (see the module docstring); None: the
+    game's own. disable_fog: False plays with fog of war, as SMAC does (it creates its game without
+    setting disable_fog, whose protocol default is false); an enemy out of every agent's sight is then
+    missing from raw_units and counts as dead, as in SMAC. `kwargs` go to SC2Env (visualize, replay_dir, ...).
+    """
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     from pysc2_evolved.env import sc2_env
     from pysc2_evolved.lib import actions
@@ -76,7 +90,7 @@ def make_sc2_env(scenario: Scenario, *, map_name: str | None = None, difficulty:
     try:
         return sc2_env.SC2Env(map_name=smac_map(map_name or scenario.name), players=players,
                               agent_interface_format=aif, step_mul=step_mul, game_steps_per_episode=0,
-                              random_seed=seed, ensure_available_actions=False, **kwargs)
+                              random_seed=seed, disable_fog=disable_fog, ensure_available_actions=False, **kwargs)
     except OSError as e:  # the game or the map file is missing
         raise RuntimeError(
             f"cannot start StarCraft II for scenario {scenario.name}: {e}. Install the game (SC2PATH, default "
@@ -84,15 +98,28 @@ def make_sc2_env(scenario: Scenario, *, map_name: str | None = None, difficulty:
             "(https://github.com/oxwhirl/smac#smac-maps)") from e
 
 
-def geometry_from_env(env, origin: tuple[float, float] = (0.0, 0.0)) -> RawGeometry:
-    """Read the raw frame from a pysc2 env: map size from `game_info`, raw grid from the action spec."""
+def geometry_from_env(env, origin: tuple[float, float] = (0.0, 0.0), *,
+                      scenario: Scenario | None = None) -> RawGeometry:
+    """Read the raw frame from a pysc2 env: map size from `game_info`, raw grid from the action spec.
+
+    scenario: when given, the game's map must be the scenario's map (same width and height), else
+    ValueError: the state's positions (relative to the map centre, scaled by its size) and the move
+    masks (the map's bounds) are computed on the scenario's map, so a different game map would give
+    features that look right and are not.
+    """
     try:
         size = env.game_info[0].start_raw.map_size
         world = env.action_spec()[0].types.world.sizes
     except (AttributeError, IndexError, TypeError) as e:
         raise ValueError(f"cannot read the map size / raw_resolution from the env ({e}); "
                          "pass geometry=RawGeometry(...)") from None
-    return RawGeometry((float(size.x), float(size.y)), (int(world[0]), int(world[1])), origin)
+    game_size = (float(size.x), float(size.y))
+    if scenario is not None and game_size != tuple(float(v) for v in scenario.map_size):
+        raise ValueError(f"the game's map is {game_size[0]:g} x {game_size[1]:g}, but scenario {scenario.name}'s "
+                         f"map is {scenario.map_size[0]:g} x {scenario.map_size[1]:g}: the features assume the "
+                         "scenario's map; play its own map, correct the scenario's map size, or pass "
+                         "geometry=RawGeometry(...) for a scenario that covers part of the game's map")
+    return RawGeometry(game_size, (int(world[0]), int(world[1])), origin)
 
 
 class SC2Battle:
@@ -100,14 +127,17 @@ class SC2Battle:
     StepOutput with obs (1, A, O), state (1, S), avail (1, A, N), alive (1, A), and (1,) reward, done,
     won, timeout, episode_return, episode_length, allies_left, enemies_left.
 
-    Reward is SMAC's (positive part): enemy health + shield lost, 10 per kill, 200 for the win, divided by
-    `scenario.max_reward / 20`. An episode ends when one army is gone (only healers left counts as gone),
-    at the episode limit (a loss), or when the game itself ends. With `auto_reset` a finished episode
-    restarts at once and the returned obs belong to the next one, as in BattleSim.
+    Reward is SMAC's (positive part): enemy health + shield lost, 10 per kill (once per unit: the dead stay
+    dead, see adapter.py), 200 for the win, divided by `scenario.max_reward / 20`. An episode ends when an
+    army is gone (only healers left counts as gone): won if it is theirs alone, else not won and not a
+    timeout (ours gone, or both at once: SMAC's draw); at the episode limit (a timeout, a loss), or when
+    the game itself ends (a timeout). With `auto_reset` a finished episode restarts at once and the
+    returned obs belong to the next one, as in BattleSim.
 
     env: a pysc2 env (SC2Env, mock_sc2_env.SC2TestEnv, or a fake with reset()/step([calls]) returning a
     sequence of TimeSteps); None starts the real game via `make_sc2_env(scenario, **env_kwargs)`.
-    geometry: the raw frame; None reads it from the env (`geometry_from_env`).
+    geometry: the raw frame; None reads it from the env (`geometry_from_env`, which refuses a game map
+    of another size than the scenario's).
     """
 
     def __init__(self, scenario: Scenario, env=None, *, geometry: RawGeometry | None = None,
@@ -115,7 +145,13 @@ class SC2Battle:
                  first_frame_tries: int = 20, **env_kwargs):
         self.scenario = scenario
         self.env = env if env is not None else make_sc2_env(scenario, **env_kwargs)
-        self.conv = RawConverter(scenario, geometry or geometry_from_env(self.env), unit_types)
+        try:
+            geometry = geometry or geometry_from_env(self.env, scenario=scenario)
+        except ValueError:
+            if env is None:  # the game we started: do not leave it running
+                self.env.close()
+            raise
+        self.conv = RawConverter(scenario, geometry, unit_types)
         self.n_envs, self.n_agents, self.n_enemies = 1, scenario.n_agents, scenario.n_enemies
         self.n_actions = scenario.n_actions
         self.auto_reset, self.check_actions = auto_reset, check_actions
