@@ -86,10 +86,13 @@ def rpc_error_text(code: grpc.StatusCode, details: str | None) -> str:
 
 def check_target(target: str) -> None:
     """Refuse a server address without a port: gRPC would quietly dial port 443 for a bare HOST.
-    Accepted: HOST:PORT, [IPv6]:PORT, gRPC's dns:[//AUTHORITY/]HOST:PORT, unix:PATH and unix-abstract:NAME."""
-    if target.startswith(("unix:", "unix-abstract:")) and target.split(":", 1)[1]:
+    Accepted: HOST:PORT, [IPv6]:PORT, gRPC's dns:[//AUTHORITY/]HOST:PORT, ipv4:ADDR:PORT, ipv6:[ADDR]:PORT,
+    and the schemes whose addresses are not host and port (unix:PATH, unix-abstract:NAME, vsock:, xds:)."""
+    if target.startswith(("unix:", "unix-abstract:", "vsock:", "xds:")) and target.split(":", 1)[1]:
         return
     address = target
+    if address.startswith(("ipv4:", "ipv6:")):  # gRPC's resolver-free forms (a comma list: check the first)
+        address = address[5:].split(",")[0]
     if address.startswith("dns:"):
         address = address[4:]
         if address.startswith("//"):  # dns://AUTHORITY/HOST:PORT; the authority (the DNS server) may be empty
@@ -255,12 +258,27 @@ class ActStream:
 
     def __init__(self, stub: pb_grpc.InferenceStub, metadata, timeout: float | None,
                  answer_timeout: float | None = None):
+        if answer_timeout is not None and not answer_timeout > 0:
+            raise ValueError(f"answer_timeout must be > 0 seconds (None: no limit), got {answer_timeout}")
         self._outbox: queue.Queue = queue.Queue()
         self._responses = stub.ActStream(iter(self._outbox.get, _END), timeout=timeout, metadata=metadata)
         self.answer_timeout = answer_timeout
-        self._expired = False
         self._next_id = 0
         self._lock = threading.Lock()
+        self._inbox: queue.Queue | None = None
+        if answer_timeout is not None:
+            # gRPC's blocking iterator has no timeout of its own: one thread per stream reads the answers, and
+            # recv() waits on them for at most answer_timeout
+            self._inbox = queue.Queue()
+            threading.Thread(target=self._read_all, name="phalanx-stream-reader", daemon=True).start()
+
+    def _read_all(self) -> None:
+        try:
+            for resp in self._responses:
+                self._inbox.put(resp)
+            self._inbox.put(None)
+        except grpc.RpcError as e:
+            self._inbox.put(e)
 
     def send(self, request: pb.ActRequest) -> int:
         """Queue one request; returns its request_id (assigned here when the request has none)."""
@@ -273,31 +291,26 @@ class ActStream:
 
     def recv(self) -> pb.ActResponse:
         """The next answer (in request order); an errored one raises StreamError."""
-        timer = None
-        if self.answer_timeout is not None:
-            timer = threading.Timer(self.answer_timeout, self._expire)
-            timer.daemon = True
-            timer.start()
-        try:
+        if self._inbox is None:
             resp = next(self._responses, None)
-        except grpc.RpcError:
-            if self._expired:
+        else:
+            try:
+                resp = self._inbox.get(timeout=self.answer_timeout)
+            except queue.Empty:
+                # A late answer would be taken for the next request's: the stream cannot go on.
+                self._responses.cancel()
                 raise StreamError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {self.answer_timeout} s "
                                                                      "(answer_timeout); the stream is cancelled") from None
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
+            if isinstance(resp, grpc.RpcError):
+                self._inbox.put(resp)  # the stream is over: every later recv() says so too
+                raise resp
         if resp is None:
+            if self._inbox is not None:
+                self._inbox.put(None)
             raise StreamError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream (draining?): reopen one")
         if resp.HasField("error"):
             raise StreamError(status_code(resp.error.code), resp.error.message)
         return resp
-
-    def _expire(self) -> None:
-        # A late answer would be taken for the next request's: the stream cannot go on.
-        self._expired = True
-        self._responses.cancel()
 
     def act_many(self, requests: Iterable[pb.ActRequest]) -> list[pb.ActResponse]:
         """Send all, then read as many answers: pipelined on the one stream."""
@@ -309,6 +322,10 @@ class ActStream:
 
     def close(self) -> None:
         self._outbox.put(_END)
+        if self._inbox is not None:  # the reader thread drains; wait for the end it sees
+            while not isinstance(self._inbox.get(), (type(None), grpc.RpcError)):
+                pass
+            return
         for _ in self._responses:  # drain until the server closes its side
             pass
 

@@ -97,7 +97,8 @@ class ExperienceLog:
         for name, value, low in (("chunk_rows", chunk_rows, 1), ("max_open", max_open, 1),
                                  ("max_backlog", max_backlog, 1)):
             if not isinstance(value, int) or value < low:
-                raise ValueError(f"--experience-{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+                flag = "max_backlog" if name == "max_backlog" else f"--experience-{name.replace('_', '-')}"
+                raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
         if not flush_seconds >= 0:
             raise ValueError(f"--experience-flush-seconds must be >= 0 (0 = only when a chunk is full), "
                              f"got {flush_seconds!r}")

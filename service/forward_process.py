@@ -287,17 +287,26 @@ class ProcessForward:
         """Load `model` into the child; batches of the serving version go on between the polls."""
         if self._closed:
             raise RuntimeError("the forward worker is shut down")
-        async with self._lock:
-            if self._dead():
-                await self._respawn()
-            await self._start_load(model)
-        while True:
-            await asyncio.sleep(LOAD_POLL_SECONDS)
+
+        async def start() -> None:
+            async with self._lock:
+                if self._dead():
+                    await self._respawn()
+                await self._start_load(model)
+
+        async def poll() -> bool:
             async with self._lock:
                 if self._dead():
                     raise RuntimeError(f"the forward worker exited while loading version {model.version}")
-                if await self._loaded_yet(model):
-                    return
+                return await self._loaded_yet(model)
+
+        # Shielded: cancelling this load (preload gave up waiting) between a message and its reply would leave
+        # the reply for the next exchange to read as its own.
+        await asyncio.shield(start())
+        while True:
+            await asyncio.sleep(LOAD_POLL_SECONDS)
+            if await asyncio.shield(poll()):
+                return
 
     def preload(self, model) -> None:
         """Blocking: load `model` into the child before it is swapped in. For the holder's loading thread
@@ -310,7 +319,12 @@ class ProcessForward:
             running = None
         if running is self._loop:
             raise RuntimeError("preload() blocks; call it from a thread, or await load() on the loop")
-        asyncio.run_coroutine_threadsafe(self.load(model), self._loop).result(self.start_timeout)
+        loading = asyncio.run_coroutine_threadsafe(self.load(model), self._loop)
+        try:
+            loading.result(self.start_timeout)
+        except TimeoutError:
+            loading.cancel()  # no late poll may take the child's answer from the retry that comes next
+            raise
 
     def _dead(self) -> bool:
         return self.proc is None or self.proc.poll() is not None or self._writer is None \

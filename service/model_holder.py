@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -78,6 +79,9 @@ class ModelHolder:
         # The files a refusal judged: a version is tried again only once they change (an operator fixing it in
         # place, or finishing a copy that was not atomic); a published version never changes, so polls skip it.
         self._refused_files: dict[int, tuple | None] = {}
+        # Versions whose files could not be read: tried again after a delay that doubles up to 5 minutes (a
+        # network volume's hiccup passes; a file this process may never read should not page someone every poll)
+        self._unreadable: dict[int, tuple[float, float]] = {}  # version -> (next try, delay)
         # Called in the loading thread with a validated version before it is swapped in (the forward worker
         # process loads it then); raising keeps the old version serving, and the version is tried again later.
         self.before_swap = before_swap
@@ -161,16 +165,26 @@ class ModelHolder:
             self.metrics.versions_below_bar.inc()
             log.info("model %s version %d not served: %s", self.name, version, e)
             return False
-        except ModelUnreadable as e:  # the disk, not the version: tried again at the next poll
-            self.metrics.reload_failures.inc()
-            log.error("model %s version %d could not be read (%s); will retry: %s", self.name, version,
-                      self._where(), e)
+        except ModelUnreadable as e:  # the disk, not the version: tried again later
+            _, delay = self._unreadable.get(version, (0.0, 0.0))
+            delay = min(max(2 * delay, self.poll_seconds, 1.0), 300.0)
+            self._unreadable[version] = (time.monotonic() + delay, delay)
+            if delay <= max(self.poll_seconds, 1.0):  # the first failure pages; the retries are logged quietly
+                self.metrics.reload_failures.inc()
+                log.error("model %s version %d could not be read (%s); will retry: %s", self.name, version,
+                          self._where(), e)
+            else:
+                log.info("model %s version %d still cannot be read; next try in %.0f s: %s", self.name, version,
+                         delay, e)
             return False
         except (ModelLoadError, IncompatibleModelError, ValueError, RuntimeError) as e:
             self._refuse(version, str(e), files)
             self.metrics.reload_failures.inc()
             log.error("model %s version %d refused (%s): %s", self.name, version, self._where(), e)
             return False
+        finally:
+            if version in self._unreadable and self._unreadable[version][0] <= time.monotonic():
+                del self._unreadable[version]  # read this time (served or refused on its merits)
         if self.before_swap is not None:
             try:
                 self.before_swap(model)
@@ -207,7 +221,9 @@ class ModelHolder:
         self._refused_files[version] = files
 
     def _still_refused(self, version: int) -> bool:
-        """Whether `version` was refused and its files are as they were then."""
+        """Whether `version` was refused and its files are as they were then, or could not be read lately."""
+        if version in self._unreadable and time.monotonic() < self._unreadable[version][0]:
+            return True
         if version not in self.refused:
             return False
         files = self._files(version)

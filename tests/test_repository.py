@@ -196,3 +196,29 @@ def test_one_run_at_a_time_claims_a_name(repo):
     first.close()
     repo.claim("m").close()  # released with the file
     other.close()
+
+
+def test_a_lock_file_another_user_left_read_only_still_works(repo):
+    """On a shared, group-writable repository the lock file may belong to another user (0644 under their umask):
+    a run that cannot write it can still take the lock through a read-only open."""
+    import os
+    import stat
+
+    repo.claim("m").close()
+    lock = repo.root / "m" / ".writer.lock"
+    os.chmod(lock, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    real_open = os.open
+
+    def as_another_user(path, flags, *args):  # root ignores file modes: refuse writing as the kernel would
+        if str(path) == str(lock) and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    os.open = as_another_user
+    try:
+        first = repo.claim("m")
+        with pytest.raises(OSError, match="another run is writing versions of 'm'"):
+            repo.claim("m")
+        first.close()
+    finally:
+        os.open = real_open

@@ -189,6 +189,11 @@ def test_sync_client_in_a_thread(service_repo):
             frame = c.act_batch(obs, mask, unit, greedy=True)
             with c.stream() as s:
                 streamed = s.act_many(act_request(obs[i], mask[i], int(unit[i]), greedy=True) for i in range(len(obs)))
+            with c.stream(answer_timeout=10) as s:  # the same through the reader thread that bounds each wait
+                bounded = s.act_many(act_request(obs[i], mask[i], int(unit[i]), greedy=True) for i in range(len(obs)))
+            assert [r.action for r in bounded] == [r.action for r in streamed]
+            with pytest.raises(ValueError, match="answer_timeout must be > 0"):
+                c.stream(answer_timeout=0)
             return one, frame, streamed, c.model_info()
 
     async def main():
@@ -470,6 +475,39 @@ def test_a_refused_version_is_tried_again_once_fixed_and_a_read_error_refuses_no
 
     served, refused = asyncio.run(main())
     assert served == 3 and hiccups == [3] and refused == {}
+
+
+def test_a_version_that_stays_unreadable_is_retried_ever_more_slowly(service_repo, monkeypatch):
+    """A version this process cannot read (another user's 0600 file) is no verdict on it, but retrying it at every
+    poll would log an error and count a reload failure every few seconds for ever: one failure is counted, and
+    the retries back off (1 s, 2 s, 4 s, ... up to 5 minutes)."""
+    import time as time_module
+
+    from trainer.repository import ModelUnreadable
+
+    root, scenario, _ = service_repo
+    real_load, attempts = ModelRepository.load, []
+
+    def load(self, name, version=None):
+        if version == 2:
+            attempts.append(time_module.monotonic())
+            raise ModelUnreadable(f"{self.root}/{name}/2/weights.safetensors: cannot read weights: Permission denied")
+        return real_load(self, name, version)
+
+    monkeypatch.setattr(ModelRepository, "load", load)
+
+    async def main():
+        async with serving(root, poll_seconds=0.02) as running:
+            torch.manual_seed(5)
+            ModelRepository(root).save("m", Policy.for_scenario(scenario, critic="local"), scenario=scenario, step=1,
+                                       eval_win_rate=None)
+            await asyncio.sleep(3.5)
+            return running.holder.current.version, running.metrics.reload_failures._value.get(), dict(
+                running.holder.refused)
+
+    served, failures, refused = asyncio.run(main())
+    assert served == 1 and failures == 1 and refused == {}
+    assert 2 <= len(attempts) <= 3, attempts  # at 0 s, 1 s, 3 s: not 175 polls' worth
 
 
 def test_a_win_rate_bar_serves_only_versions_whose_evaluation_reached_it(service_repo):

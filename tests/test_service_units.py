@@ -349,7 +349,8 @@ def test_rpc_errors_without_a_reason_say_what_their_code_likely_means(code, deta
 
 
 @pytest.mark.parametrize("target", ["127.0.0.1:50051", "localhost:1", "[::1]:50051", "dns:///svc.local:50051",
-                                    "dns://8.8.8.8/svc:443", "unix:/tmp/phalanx.sock", "unix-abstract:phalanx"])
+                                    "dns://8.8.8.8/svc:443", "unix:/tmp/phalanx.sock", "unix-abstract:phalanx",
+                                    "ipv4:10.0.0.1:50051,10.0.0.2:50051", "ipv6:[::1]:50051", "xds:///phalanx"])
 def test_server_addresses_with_a_port_are_accepted(target):
     from service.client import check_target
 
@@ -361,6 +362,7 @@ def test_server_addresses_with_a_port_are_accepted(target):
     ("::1", "must be HOST:PORT"), ("[::1]", "must be HOST:PORT"), ("host:port", "must be HOST:PORT"),
     ("unix:", "must be HOST:PORT"), ("dns:///svc.local", "must be HOST:PORT"),
     ("127.0.0.1:0", "port must lie in 1..65535"), ("127.0.0.1:70000", "port must lie in 1..65535"),
+    ("ipv4:10.0.0.1", "must be HOST:PORT"),
 ])
 def test_server_addresses_without_a_port_are_refused(target, words):
     """gRPC would dial port 443 for a bare HOST: the commands refuse it rather than wait on the wrong port."""

@@ -112,19 +112,23 @@ class ModelRepository:
         import fcntl
 
         base = self.prepare(name)
-        handle = open(base / WRITER_LOCK_FILE, "a+")
+        path = base / WRITER_LOCK_FILE
+        try:  # 0666 less the umask, so that others sharing the directory can take it too
+            handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o666), "r+")
+        except PermissionError:  # another user's lock file: flock needs only a reader; the pid stays theirs
+            handle = open(path)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
             raise OSError(f"another run is writing versions of {name!r} under {self.root} (pid {holder}); wait "
                           f"for it, stop it, or use another --name") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+        if handle.writable():
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
         return handle
 
     def save(self, name: str, policy: Policy, *, scenario, step: int, eval_win_rate: float | None,
