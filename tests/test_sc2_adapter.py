@@ -522,3 +522,32 @@ def test_geometry_from_env_on_a_non_square_map(mixed):
         geometry_from_env(env, scenario=load_scenario("3m"))
     with pytest.raises(ValueError, match=r"40 x 24"):
         SC2Battle(load_scenario("3m"), env)  # SC2Battle checks too
+
+
+@pytest.mark.parametrize("player", ["model", "focus-fire"])
+def test_phalanx_eval_in_the_game_plays_episode_after_episode(player):
+    """`phalanx eval --env sc2` in miniature: two episodes in one game, each won on its second step, played by a
+    model (the simulator-trained policy's act) or a scripted baseline reading the simulator mirror of the frame;
+    the result has evaluate()'s keys."""
+    from trainer.policy import Policy
+    from trainer.sc2.battle import evaluate_in_game
+
+    sc = load_scenario("3m")
+    start = full_raw("3m")
+    e0, e1, e2 = TAG0 + 9, TAG0 + 12, TAG0 + 15
+    hurt = _hit(start, e0, 5)
+    won = start[~np.isin(start[:, FeatureUnit.tag], [e0, e1, e2])]
+    env = ScriptedEnv([start, hurt, won])
+    torch.manual_seed(0)
+    policy = Policy.for_scenario(sc, agent_id=True) if player == "model" else None
+    result = evaluate_in_game(policy, sc, 2, baseline=None if player == "model" else player,
+                              battle=SC2Battle(sc, env, auto_reset=False))
+    assert result == {"env": "sc2", "win_rate": 1.0, "episodes": 2, "mean_return": pytest.approx(20.0),
+                      "mean_length": 2.0, "mean_allies_left": 3.0, "mean_enemies_left": 0.0, "timeouts": 0}
+    commands = [call for step in env.sent for call in step[0]]  # one list of calls per player
+    assert len(env.sent) == 4 and len(commands) == 12  # 2 episodes x 2 steps x 3 units, every one a legal command
+    if player == "focus-fire":  # closing in, then every marine on the same enemy
+        assert {c.function for c in commands} <= {RAW.Move_pt.id, RAW.Attack_unit.id}
+        for step in env.sent:
+            targets = {int(c.arguments[2][0]) for c in step[0] if c.function == RAW.Attack_unit.id}
+            assert len(targets) <= 1

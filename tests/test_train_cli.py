@@ -348,3 +348,16 @@ def test_eval_and_replay_play_the_scenario_the_model_was_trained_on(tmp_path, ca
     assert "trained on scenario 'mine', which is not built in: pass the --scenario-file" in capsys.readouterr().err
     assert main(["eval", "--models", str(models), "--name", "c", "--episodes", "4", "--scenario-file", str(toml)]) == 0
     assert last_json(capsys.readouterr().out)["scenario"] == "mine"
+
+
+def test_eval_in_the_real_game_says_what_is_missing(capsys, tmp_path, monkeypatch):
+    """`--env sc2` where StarCraft II is not installed (SC2PATH points at nothing): one line saying what to
+    install, exit 2. Its flags are refused without it."""
+    monkeypatch.setenv("SC2PATH", str(tmp_path / "no-game"))
+    assert main(["eval", "--policy", "focus-fire", "--scenario", "3m", "--env", "sc2", "--episodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "phalanx eval: --env sc2: cannot start StarCraft II for scenario 3m" in err and "SMAC_Maps" in err
+    assert main(["eval", "--policy", "focus-fire", "--scenario", "3m", "--sc2-map", "3m"]) == 2
+    assert "--sc2-map and --sc2-difficulty apply to --env sc2" in capsys.readouterr().err
+    assert main(["eval", "--policy", "focus-fire", "--scenario", "3m", "--env", "sc2", "--device", "cuda"]) == 2
+    assert "--env sc2 plays one game at a time on the CPU" in capsys.readouterr().err

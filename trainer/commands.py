@@ -131,14 +131,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="game seed: game i uses seed + i")
     p.add_argument("--sample", action="store_true", help="sample actions instead of taking the argmax")
     p.add_argument("--policy", choices=BASELINE_NAMES, help="evaluate this scripted baseline instead of a model")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (the built-in simulator only)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--env", choices=("sim", "sc2"), default="sim",
+                   help="sim: the built-in simulator, all games at once (default); sc2: real StarCraft II through "
+                        "pysc2 (the `sc2` extra, the game and SMAC's maps installed), one game after another "
+                        "against the built-in bot")
+    p.add_argument("--sc2-map", help="with --env sc2: the SMAC map to load (default: the scenario's name)")
+    p.add_argument("--sc2-difficulty", default="very_hard", choices=SC2_DIFFICULTIES, metavar="LEVEL",
+                   help="with --env sc2: the built-in bot's difficulty, one of " + ", ".join(SC2_DIFFICULTIES)
+                        + " (default very_hard, SMAC's level 7)")
     p.set_defaults(func=cmd_eval)
 
 
 def _kept(defaults, field: str) -> str:
     """Help text for a learning setting: its default, and what --resume does with it."""
     return f" (default {getattr(defaults, field)}; with --resume, simulation training takes the stored run's)"
+
+
+# pysc2's Difficulty names (listed here so that --help needs no pysc2)
+SC2_DIFFICULTIES = ("very_easy", "easy", "medium", "medium_hard", "hard", "harder", "very_hard", "cheat_vision",
+                    "cheat_money", "cheat_insane")
 
 
 def scenario_to_play(scenario: str | None, models: str | None, name: str | None, version: int | None,
@@ -435,6 +448,11 @@ def cmd_eval(args) -> int:
         sc = load_scenario(cfg.scenario, files=cfg.scenario_files)
     except (ValueError, ScenarioError, ModelLoadError) as e:
         return _fail("eval", str(e))
+    in_game = args.env == "sc2"
+    if in_game and cfg.device != "cpu":
+        return _fail("eval", "--env sc2 plays one game at a time on the CPU: leave --device out")
+    if not in_game and (args.sc2_map is not None or args.sc2_difficulty != "very_hard"):
+        return _fail("eval", "--sc2-map and --sc2-difficulty apply to --env sc2")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         return _fail("eval", "--device cuda was asked for, but torch sees no CUDA device")
     if cfg.threads:
@@ -453,7 +471,18 @@ def cmd_eval(args) -> int:
             return _fail("eval", f"{mismatch}: refusing to evaluate it there")
         policy = loaded.policy
         head.update(policy="model", name=cfg.name, version=loaded.version)
-    result = evaluate(policy, sc, cfg.episodes, cfg.seed, greedy=cfg.greedy, baseline=cfg.baseline,
-                      device=cfg.device)
+    if in_game:
+        try:
+            from trainer.sc2.battle import evaluate_in_game
+        except ImportError as e:
+            return _fail("eval", f"--env sc2 needs pysc2-evolved (pip install -e '.[sc2]'): {e}")
+        try:
+            result = evaluate_in_game(policy, sc, cfg.episodes, greedy=cfg.greedy, seed=cfg.seed,
+                                      baseline=cfg.baseline, map_name=args.sc2_map, difficulty=args.sc2_difficulty)
+        except (RuntimeError, ValueError, KeyError) as e:  # no game or map, a map unlike the scenario, a bad level
+            return _fail("eval", f"--env sc2: {e}")
+    else:
+        result = evaluate(policy, sc, cfg.episodes, cfg.seed, greedy=cfg.greedy, baseline=cfg.baseline,
+                          device=cfg.device)
     print(json.dumps({**head, **result}))
     return 0

@@ -217,3 +217,49 @@ class SC2Battle:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@torch.no_grad()
+def evaluate_in_game(policy, scenario: Scenario, episodes: int, *, greedy: bool = True, seed: int = 0,
+                     baseline: str | None = None, battle: SC2Battle | None = None, **env_kwargs) -> dict:
+    """`trainer.ppo.evaluate` in the real game: play `episodes` episodes one after another in one SC2Battle (a
+    game started with `make_sc2_env(scenario, seed=seed, **env_kwargs)` unless `battle` is given), with `policy`
+    (greedy or sampled) or a scripted `baseline`, and return the same keys (plus `env`: "sc2")."""
+    from trainer.sim.baselines import BASELINES
+
+    own = battle is None
+    battle = battle or SC2Battle(scenario, auto_reset=False, seed=seed, **env_kwargs)
+    A = scenario.n_agents
+    unit = torch.arange(A)
+    greedy_t = torch.full((A,), greedy, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(seed)
+    keys = ("won", "timeout", "episode_return", "episode_length", "allies_left", "enemies_left")
+    totals = dict.fromkeys(keys, 0.0)
+    if policy is not None:
+        policy.eval()
+    try:
+        for _ in range(episodes):
+            out, h = battle.reset(), None
+            while True:
+                obs, mask = out.obs.reshape(A, -1), out.avail.reshape(A, -1)
+                if baseline is not None:  # the scripted players read the simulator mirror of the frame
+                    actions = BASELINES[baseline](battle.conv.sim, generator=gen)
+                elif policy.recurrent:
+                    logits, h = policy.actor_step(obs, mask, unit, h)
+                    sampled = torch.multinomial(torch.softmax(logits, 1), 1, generator=gen).squeeze(1)
+                    actions = (logits.argmax(1) if greedy else sampled).reshape(1, A)
+                else:
+                    actions = policy.act(obs, mask, unit, greedy_t, generator=gen).action.reshape(1, A)
+                out = battle.step(actions)
+                if bool(out.done[0]):
+                    for k in keys:
+                        totals[k] += float(getattr(out, k)[0])
+                    break
+    finally:
+        if own:
+            battle.close()
+    return {"env": "sc2", "win_rate": totals["won"] / episodes, "episodes": episodes,
+            "mean_return": totals["episode_return"] / episodes,
+            "mean_length": totals["episode_length"] / episodes,
+            "mean_allies_left": totals["allies_left"] / episodes,
+            "mean_enemies_left": totals["enemies_left"] / episodes, "timeouts": int(totals["timeout"])}
