@@ -11,6 +11,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from trainer.commands import SC2_DIFFICULTIES
+
     p = sub.add_parser("serve", help="serve a model from the repository over gRPC (Act, ActStream, ActBatch)",
                        description="Run the batching gRPC inference service for one model of the repository: "
                                    "health checking, reflection, hot reload of new versions, Prometheus metrics, "
@@ -97,6 +99,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=10.0,
                    help="deadline per call in seconds; with --rpc stream, the longest wait for each answer "
                         "(default 10)")
+    p.add_argument("--env", choices=("sim", "sc2"), default="sim",
+                   help="sim: the built-in simulator, all games at once (default); sc2: real StarCraft II through "
+                        "pysc2 (the `sc2` extra, the game and SMAC's maps installed), --games episodes one after "
+                        "another against the built-in bot")
+    p.add_argument("--sc2-map", help="with --env sc2: the SMAC map to load (default: the scenario's name)")
+    p.add_argument("--sc2-difficulty", default="very_hard", choices=SC2_DIFFICULTIES, metavar="LEVEL",
+                   help="with --env sc2: the built-in bot's difficulty, one of " + ", ".join(SC2_DIFFICULTIES)
+                        + " (default very_hard)")
     p.set_defaults(func=cmd_play)
 
 
@@ -184,7 +194,7 @@ def cmd_serve(args) -> int:
 
 def cmd_play(args) -> int:
     from service.client import AsyncClient, StreamError, read_token, rpc_error_text
-    from service.play import play_games
+    from service.play import play_games, play_in_game
     from trainer.sim import ScenarioError, load_scenario
 
     if args.games < 1:
@@ -207,6 +217,21 @@ def cmd_play(args) -> int:
     except ScenarioError as e:
         print(f"phalanx play: {e}", file=sys.stderr)
         return 2
+    battle = None
+    if args.env == "sc2":
+        try:
+            from trainer.sc2.battle import SC2Battle
+        except ImportError as e:
+            print(f"phalanx play: --env sc2 needs pysc2-evolved (pip install -e '.[sc2]'): {e}", file=sys.stderr)
+            return 2
+        try:
+            battle = SC2Battle(scenario, seed=args.seed, map_name=args.sc2_map, difficulty=args.sc2_difficulty)
+        except (RuntimeError, ValueError) as e:  # no game or map, a map unlike the scenario
+            print(f"phalanx play: --env sc2: {e}", file=sys.stderr)
+            return 2
+    elif args.sc2_map is not None or args.sc2_difficulty != "very_hard":
+        print("phalanx play: --sc2-map and --sc2-difficulty apply to --env sc2", file=sys.stderr)
+        return 2
 
     async def run() -> dict:
         async with AsyncClient(args.server, tls_ca=args.tls_ca, token=token,
@@ -216,9 +241,13 @@ def cmd_play(args) -> int:
                 raise SystemExit(f"phalanx play: the server's model {info.name!r} v{info.version} was trained on "
                                  f"spec {info.spec_name} (hash {info.spec_hash}); scenario {scenario.name} has hash "
                                  f"{scenario.spec_hash}")
-            result = await play_games(client, scenario, games=args.games, seed=args.seed, rpc=args.rpc,
-                                      greedy=args.greedy)
-            return result.summary()
+            if battle is not None:
+                result = await play_in_game(client, scenario, battle, episodes=args.games, seed=args.seed,
+                                            rpc=args.rpc, greedy=args.greedy)
+            else:
+                result = await play_games(client, scenario, games=args.games, seed=args.seed, rpc=args.rpc,
+                                          greedy=args.greedy)
+            return {**result.summary(), "env": args.env}
 
     import grpc
 
@@ -230,5 +259,8 @@ def cmd_play(args) -> int:
     except StreamError as e:  # one message of --rpc stream failed (RESOURCE_EXHAUSTED, no answer in time, ...)
         print(f"phalanx play: {args.server}: {rpc_error_text(e.code, e.message)}", file=sys.stderr)
         return 1
+    finally:
+        if battle is not None:
+            battle.close()  # the game quits with us
     print(json.dumps(summary), flush=True)
     return 0

@@ -1,10 +1,14 @@
-"""`phalanx play`: drive built-in-simulator games with actions asked from a running service.
+"""`phalanx play`: drive built-in-simulator games (or real StarCraft II ones) with actions asked from a running
+service.
 
 N games run at once in one BattleSim(scenario, N, seed) (game i plays with seed + i), exactly as
 `phalanx eval` runs them; each game's first episode is counted. Every step, every live unit of a game
 whose first episode is still running is sent to the service (dead units play no-op locally; games that
 already finished keep stepping with a local legal action so the batch stays in lock-step, and are not
 counted). With the same model, seeds and greedy actions the games play out as `phalanx eval` plays them.
+
+`play_in_game` does the same in real StarCraft II (trainer/sc2's SC2Battle: one game, its episodes one after
+another), which is how experience from the real game reaches the service's log and the offline trainer.
 """
 
 from __future__ import annotations
@@ -41,6 +45,18 @@ class PlayResult:
     service_seconds: float = 0.0  # wall time spent waiting for the service
     versions: set = field(default_factory=set)
     actions: list = field(default_factory=list)  # per step (games, agents) int64 when recorded
+
+    def add(self, other: "PlayResult") -> None:
+        """Fold in another run's counts (one more episode of a real game)."""
+        self.wins += other.wins
+        self.episodes += other.episodes
+        self.returns += other.returns
+        self.requests += other.requests
+        self.units += other.units
+        self.latencies += other.latencies
+        self.service_seconds += other.service_seconds
+        self.versions |= other.versions
+        self.actions += other.actions
 
     def summary(self) -> dict:
         lat = np.asarray(self.latencies) * 1000.0
@@ -113,19 +129,24 @@ async def _ask_batch(client: AsyncClient, frames: list[pb.ActBatchRequest], resu
 
 
 async def play_games(client: AsyncClient, scenario: Scenario, *, games: int, seed: int = 0, rpc: str = "stream",
-                     greedy: bool = True, record_actions: bool = False) -> PlayResult:
+                     greedy: bool = True, record_actions: bool = False, sim=None) -> PlayResult:
     """Play `games` games' first episodes against the service; returns the counts, latencies (and actions).
 
     Rewards follow the service's experience protocol: a unit's step gets its reward (the team's reward of that
     step) and done on that unit's next request (`prev_reward`, `prev_done`). A unit's trajectory ends when it
     dies or its game ends; when a game ends, each of its units sends one more request, the next episode's first
     observation (episode_id 1, after the simulator's auto-reset), carrying its last step's reward with
-    prev_done, and its answer is not played. Game ids are unique per call, so runs never share trajectories."""
+    prev_done, and its answer is not played. Game ids are unique per call, so runs never share trajectories.
+    `sim`: the games to play instead of a new BattleSim(scenario, games, seed) - anything with its API and
+    `games` games (an SC2Battle: one)."""
     if rpc not in RPC_STYLES:
         raise ValueError(f"rpc must be one of {', '.join(RPC_STYLES)}, got {rpc!r}")
     sc = scenario
     A = sc.n_agents
-    sim = BattleSim(sc, games, seed=seed)
+    if sim is None:
+        sim = BattleSim(sc, games, seed=seed)
+    elif sim.n_envs != games:
+        raise ValueError(f"sim plays {sim.n_envs} game(s) at once, but games={games}")
     out = sim.reset()
     result = PlayResult(sc.name, games, seed, rpc, greedy)
     counting = np.ones(games, dtype=bool)  # game still in its first episode
@@ -208,3 +229,15 @@ async def play_games(client: AsyncClient, scenario: Scenario, *, games: int, see
             else:
                 await stream.close()
     return result
+
+
+async def play_in_game(client: AsyncClient, scenario: Scenario, battle, *, episodes: int, seed: int = 0,
+                       rpc: str = "stream", greedy: bool = True) -> PlayResult:
+    """Play `episodes` episodes of one real game (an SC2Battle, auto-resetting), one after another, each as
+    `play_games` plays one game: the service answers every live unit, and its experience log (if on) gets the
+    game's trajectories. The summary's `games` counts the episodes."""
+    total = PlayResult(scenario.name, episodes, seed, rpc, greedy)
+    for episode in range(episodes):
+        total.add(await play_games(client, scenario, games=1, seed=seed + episode, rpc=rpc, greedy=greedy,
+                                   sim=battle))
+    return total

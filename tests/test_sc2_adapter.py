@@ -551,3 +551,47 @@ def test_phalanx_eval_in_the_game_plays_episode_after_episode(player):
         for step in env.sent:
             targets = {int(c.arguments[2][0]) for c in step[0] if c.function == RAW.Attack_unit.id}
             assert len(targets) <= 1
+
+
+def test_phalanx_play_in_the_game_logs_its_episodes_for_the_offline_trainer(tmp_path):
+    """`phalanx play --env sc2` in miniature: a served model plays two episodes of one (mock) real game, each won
+    on its second step; the service's experience log gets both episodes' trajectories, rewards and ends, as
+    the offline trainer reads them."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from service.client import AsyncClient
+    from service.play import play_in_game
+    from service.server import ServeConfig, start_server
+    from trainer.policy import Policy
+    from trainer.repository import ModelRepository
+    from trainer.shards import read_shards
+
+    sc = load_scenario("3m")
+    torch.manual_seed(0)
+    ModelRepository(tmp_path / "models").save("m", Policy.for_scenario(sc, agent_id=True), scenario=sc, step=0,
+                                              eval_win_rate=None)
+    start = full_raw("3m")
+    e0, e1, e2 = TAG0 + 9, TAG0 + 12, TAG0 + 15
+    env = ScriptedEnv([start, _hit(start, e0, 5), start[~np.isin(start[:, FeatureUnit.tag], [e0, e1, e2])]])
+
+    async def main():
+        config = ServeConfig(models=tmp_path / "models", name="m", port=0, poll_seconds=0.0, grace_seconds=5.0,
+                             experience_dir=tmp_path / "exp")
+        running = await start_server(config, CollectorRegistry())
+        try:
+            async with AsyncClient(running.address, timeout=10) as client:
+                return await play_in_game(client, sc, SC2Battle(sc, env), episodes=2, rpc="stream")
+        finally:
+            await running.stop(grace=1)
+
+    result = asyncio.run(main()).summary()
+    assert (result["episodes"], result["win_rate"], result["units"]) == (2, 1.0, 12)  # 2 x 2 steps x 3 units
+    assert result["mean_return"] == pytest.approx(20.0)
+    logged = read_shards(tmp_path / "exp", spec_hash=sc.spec_hash)
+    # the 12 played steps, each with its reward (the last of each unit's episode closed by prev_done), and the 6
+    # closing requests' own steps, never played, which only bootstrap
+    assert logged.rows == 18 and int(logged.sample.sum()) == 12
+    assert int(logged.done.sum()) == 6  # each unit's episode ended, twice
+    assert float(logged.reward[logged.sample].sum()) == pytest.approx(3 * 2 * 20.0)  # every unit gets the team's
