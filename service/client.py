@@ -266,6 +266,7 @@ class ActStream:
         self._next_id = 0
         self._lock = threading.Lock()
         self._inbox: queue.Queue | None = None
+        self._closed = False
         if answer_timeout is not None:
             # gRPC's blocking iterator has no timeout of its own: one thread per stream reads the answers, and
             # recv() waits on them for at most answer_timeout
@@ -321,6 +322,9 @@ class ActStream:
         return [self.recv() for _ in range(n)]
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._outbox.put(_END)
         if self._inbox is not None:  # the reader thread drains; wait for the end it sees
             while not isinstance(self._inbox.get(), (type(None), grpc.RpcError)):

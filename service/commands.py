@@ -85,7 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenario", required=True, help="scenario name, e.g. 3m (see `phalanx scenarios`)")
     p.add_argument("--games", type=int, default=8,
                    help="games played at once; each game's first episode counts (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="game i plays with seed + i (default 0)")
+    p.add_argument("--seed", type=int, help="game i plays with seed + i (default 0); with --env sc2 the real game's "
+                                            "seed, re-applied to every episode (default: none, a new game each "
+                                            "episode)")
     p.add_argument("--rpc", choices=("unary", "stream", "batch"), default="stream",
                    help="unary: one Act per unit; stream: one ActStream (default); batch: one ActBatch per game "
                         "frame")
@@ -192,6 +194,17 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _game_error(e: Exception) -> bool:
+    """Whether `e` came from the real game rather than from this code: pysc2's lost connection or protocol
+    error, or units the scenario's slots cannot hold (trainer.sc2's SlotError)."""
+    from pysc2_evolved.lib import protocol, remote_controller
+
+    from trainer.sc2.adapter import SlotError
+
+    return isinstance(e, (protocol.ConnectionError, protocol.ProtocolError, remote_controller.RequestError,
+                          SlotError))
+
+
 def cmd_play(args) -> int:
     from service.client import AsyncClient, StreamError, read_token, rpc_error_text
     from service.play import play_games, play_in_game
@@ -225,7 +238,9 @@ def cmd_play(args) -> int:
             print(f"phalanx play: --env sc2 needs pysc2-evolved (pip install -e '.[sc2]'): {e}", file=sys.stderr)
             return 2
         try:
-            battle = SC2Battle(scenario, seed=args.seed, map_name=args.sc2_map, difficulty=args.sc2_difficulty)
+            # auto_reset off: play_games resets the game at each episode itself (pysc2: a new game each time)
+            battle = SC2Battle(scenario, auto_reset=False, seed=args.seed, map_name=args.sc2_map,
+                               difficulty=args.sc2_difficulty)
         except (RuntimeError, ValueError) as e:  # no game or map, a map unlike the scenario
             print(f"phalanx play: --env sc2: {e}", file=sys.stderr)
             return 2
@@ -242,10 +257,10 @@ def cmd_play(args) -> int:
                                  f"spec {info.spec_name} (hash {info.spec_hash}); scenario {scenario.name} has hash "
                                  f"{scenario.spec_hash}")
             if battle is not None:
-                result = await play_in_game(client, scenario, battle, episodes=args.games, seed=args.seed,
+                result = await play_in_game(client, scenario, battle, episodes=args.games, seed=args.seed or 0,
                                             rpc=args.rpc, greedy=args.greedy)
             else:
-                result = await play_games(client, scenario, games=args.games, seed=args.seed, rpc=args.rpc,
+                result = await play_games(client, scenario, games=args.games, seed=args.seed or 0, rpc=args.rpc,
                                           greedy=args.greedy)
             return {**result.summary(), "env": args.env}
 
@@ -258,6 +273,11 @@ def cmd_play(args) -> int:
         return 1
     except StreamError as e:  # one message of --rpc stream failed (RESOURCE_EXHAUSTED, no answer in time, ...)
         print(f"phalanx play: {args.server}: {rpc_error_text(e.code, e.message)}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if battle is None or not _game_error(e):
+            raise
+        print(f"phalanx play: --env sc2: the game failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     finally:
         if battle is not None:

@@ -166,10 +166,11 @@ class ModelHolder:
             log.info("model %s version %d not served: %s", self.name, version, e)
             return False
         except ModelUnreadable as e:  # the disk, not the version: tried again later
+            first = version not in self._unreadable
             _, delay = self._unreadable.get(version, (0.0, 0.0))
             delay = min(max(2 * delay, self.poll_seconds, 1.0), 300.0)
             self._unreadable[version] = (time.monotonic() + delay, delay)
-            if delay <= max(self.poll_seconds, 1.0):  # the first failure pages; the retries are logged quietly
+            if first:  # the first failure pages; the retries are logged quietly
                 self.metrics.reload_failures.inc()
                 log.error("model %s version %d could not be read (%s); will retry: %s", self.name, version,
                           self._where(), e)

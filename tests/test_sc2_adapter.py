@@ -186,22 +186,25 @@ def test_unknown_and_mismatched_units_give_clear_errors():
     conv.assign(bad)  # a user table fixes it
 
 
-def test_dead_units_stay_dead_for_the_episode():
-    """SMAC's death tracker: a unit gone from raw_units is dead until the episode ends, even if its tag
-    shows up again (out of sight and back, say); a new episode (assign) starts everyone alive."""
+def test_a_unit_missing_from_a_frame_is_dead_in_it_and_its_death_tracked():
+    """A unit gone from raw_units is dead in that frame and its death is tracked for the episode; should its tag
+    show up again (an enemy out of sight under fog of war, then back) it is alive and targetable again, as in
+    SMAC; a new episode (assign) clears the tracker."""
     sc = load_scenario("3m")
     raw = full_raw("3m")
     e0 = TAG0 + 9  # enemy slot 0 (unit 3)
     conv = RawConverter(sc, GEO)
     conv.assign(raw)
-    conv.observe(raw[raw[:, FeatureUnit.tag] != e0])
-    back = conv.observe(raw)
-    assert not conv.sim.alive[0, 3] and not back.avail[0, :, 6 + 0].any()
+    gone = conv.observe(raw[raw[:, FeatureUnit.tag] != e0])
     enemy_state = 3 + sc.type_bits
     e_first = sc.n_agents * (4 + sc.type_bits)
-    assert not back.state[0, e_first:e_first + enemy_state].any()
+    assert not conv.sim.alive[0, 3] and not gone.state[0, e_first:e_first + enemy_state].any()
+    assert conv.dead.tolist() == [False, False, False, True, False, False]
+    back = conv.observe(raw)
+    assert conv.sim.alive[0, 3] and back.state[0, e_first:e_first + enemy_state].any()
+    assert conv.dead[3]  # its death stays tracked (no second kill reward)
     conv.assign(raw)  # the next episode
-    assert conv.observe(raw).state[0, e_first:e_first + enemy_state].any() and conv.sim.alive[0, 3]
+    assert not conv.dead.any()
 
 
 def test_truncated_zero_health_unit_is_alive():
@@ -379,8 +382,8 @@ def test_sc2battle_dead_unit_reappearing_is_not_killed_twice():
     hp = {int(r[FeatureUnit.tag]): int(r[FeatureUnit.health]) for r in start}
     e0, e1, e2 = TAG0 + 9, TAG0 + 12, TAG0 + 15
     gone = start[start[:, FeatureUnit.tag] != e0]
-    rest_dead = start[~np.isin(start[:, FeatureUnit.tag], [e1, e2])]  # e0 is back in it
-    env = ScriptedEnv([start, gone, start, gone, rest_dead])
+    all_dead = start[~np.isin(start[:, FeatureUnit.tag], [e0, e1, e2])]
+    env = ScriptedEnv([start, gone, start, gone, all_dead])
     battle = SC2Battle(sc, env, auto_reset=False)
     out = battle.reset()
     scale = sc.max_reward / 20.0
@@ -389,7 +392,8 @@ def test_sc2battle_dead_unit_reappearing_is_not_killed_twice():
         out = battle.step(torch.where(out.avail[0, :, 1], 1, 0)[None])
         assert out.reward.item() == pytest.approx(r / scale), f"step {i + 1}"
         assert out.done.item() == (i == 3)
-    assert out.won.item() and out.enemies_left.item() == 0
+        assert out.enemies_left.item() == [2, 3, 2, 0][i]  # back in sight at step 2: alive again
+    assert out.won.item()
 
 
 def test_sc2battle_loss_when_our_army_is_gone():
@@ -581,13 +585,16 @@ def test_phalanx_play_in_the_game_logs_its_episodes_for_the_offline_trainer(tmp_
                              experience_dir=tmp_path / "exp")
         running = await start_server(config, CollectorRegistry())
         try:
-            async with AsyncClient(running.address, timeout=10) as client:
-                return await play_in_game(client, sc, SC2Battle(sc, env), episodes=2, rpc="stream")
+            async with AsyncClient(running.address, timeout=10) as client:  # as `phalanx play --env sc2` does
+                return await play_in_game(client, sc, SC2Battle(sc, env, auto_reset=False), episodes=2, rpc="stream")
         finally:
             await running.stop(grace=1)
 
+    real_reset, resets = env.reset, []
+    env.reset = lambda: resets.append(1) or real_reset()
     result = asyncio.run(main()).summary()
     assert (result["episodes"], result["win_rate"], result["units"]) == (2, 1.0, 12)  # 2 x 2 steps x 3 units
+    assert len(resets) == 2  # one new game per episode (each reset reloads the map in the real game)
     assert result["mean_return"] == pytest.approx(20.0)
     logged = read_shards(tmp_path / "exp", spec_hash=sc.spec_hash)
     # the 12 played steps, each with its reward (the last of each unit's episode closed by prev_done), and the 6

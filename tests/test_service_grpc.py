@@ -191,6 +191,7 @@ def test_sync_client_in_a_thread(service_repo):
                 streamed = s.act_many(act_request(obs[i], mask[i], int(unit[i]), greedy=True) for i in range(len(obs)))
             with c.stream(answer_timeout=10) as s:  # the same through the reader thread that bounds each wait
                 bounded = s.act_many(act_request(obs[i], mask[i], int(unit[i]), greedy=True) for i in range(len(obs)))
+                s.close()  # and closed twice (here, then on leaving the block) without hanging
             assert [r.action for r in bounded] == [r.action for r in streamed]
             with pytest.raises(ValueError, match="answer_timeout must be > 0"):
                 c.stream(answer_timeout=0)

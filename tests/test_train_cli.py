@@ -361,3 +361,23 @@ def test_eval_in_the_real_game_says_what_is_missing(capsys, tmp_path, monkeypatc
     assert "--sc2-map and --sc2-difficulty apply to --env sc2" in capsys.readouterr().err
     assert main(["eval", "--policy", "focus-fire", "--scenario", "3m", "--env", "sc2", "--device", "cuda"]) == 2
     assert "--env sc2 plays one game at a time on the CPU" in capsys.readouterr().err
+
+
+def test_eval_in_the_real_game_lets_each_episode_be_a_new_game_unless_seeded(capsys, monkeypatch):
+    """pysc2 re-applies a fixed seed to every episode's game: a default --seed 0 would make N greedy episodes one
+    game N times. Without --seed the game gets none; --seed S is passed on as asked."""
+    import trainer.sc2.battle as battle
+
+    seen = []
+
+    class NoGame:
+        def __init__(self, scenario, **kwargs):
+            seen.append(kwargs)
+            raise RuntimeError("no game here")
+
+    monkeypatch.setattr(battle, "SC2Battle", NoGame)
+    for extra, seed in (([], None), (["--seed", "5"], 5)):
+        argv = ["eval", "--policy", "focus-fire", "--scenario", "3m", "--env", "sc2", "--episodes", "2", *extra]
+        assert main(argv) == 2
+        assert "--env sc2: no game here" in capsys.readouterr().err
+        assert seen[-1]["seed"] == seed

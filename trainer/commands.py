@@ -128,7 +128,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "required with --policy)")
     p.add_argument("--scenario-file", action="append", default=[], metavar="FILE", help="extra TOML scenario file")
     p.add_argument("--episodes", type=int, default=256, help="games (the first episode of each)")
-    p.add_argument("--seed", type=int, default=0, help="game seed: game i uses seed + i")
+    p.add_argument("--seed", type=int, help="game seed: game i uses seed + i (default 0); with --env sc2 the real "
+                                            "game's seed, re-applied to every episode (default: none, a new game "
+                                            "each episode)")
     p.add_argument("--sample", action="store_true", help="sample actions instead of taking the argmax")
     p.add_argument("--policy", choices=BASELINE_NAMES, help="evaluate this scripted baseline instead of a model")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (the built-in simulator only)")
@@ -442,7 +444,7 @@ def cmd_eval(args) -> int:
     try:
         scenario = scenario_to_play(args.scenario, args.models, args.name, args.version, args.scenario_file,
                                     baseline=args.policy is not None)
-        cfg = EvalConfig(scenario=scenario, episodes=args.episodes, seed=args.seed, greedy=not args.sample,
+        cfg = EvalConfig(scenario=scenario, episodes=args.episodes, seed=args.seed or 0, greedy=not args.sample,
                          baseline=args.policy, models=args.models, name=args.name, version=args.version,
                          scenario_files=tuple(args.scenario_file), device=args.device, threads=args.threads)
         sc = load_scenario(cfg.scenario, files=cfg.scenario_files)
@@ -457,7 +459,7 @@ def cmd_eval(args) -> int:
         return _fail("eval", "--device cuda was asked for, but torch sees no CUDA device")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    head: dict = {"scenario": sc.name, "seed": cfg.seed, "greedy": cfg.greedy}
+    head: dict = {"scenario": sc.name, "seed": args.seed if in_game else cfg.seed, "greedy": cfg.greedy}
     policy = None
     if cfg.baseline is not None:
         head["policy"] = cfg.baseline
@@ -477,7 +479,8 @@ def cmd_eval(args) -> int:
         except ImportError as e:
             return _fail("eval", f"--env sc2 needs pysc2-evolved (pip install -e '.[sc2]'): {e}")
         try:
-            result = evaluate_in_game(policy, sc, cfg.episodes, greedy=cfg.greedy, seed=cfg.seed,
+            # pysc2 re-applies a fixed seed at every episode's new game: N greedy episodes would be one game N times
+            result = evaluate_in_game(policy, sc, cfg.episodes, greedy=cfg.greedy, seed=args.seed,
                                       baseline=cfg.baseline, map_name=args.sc2_map, difficulty=args.sc2_difficulty)
         except (RuntimeError, ValueError, KeyError) as e:  # no game or map, a map unlike the scenario, a bad level
             return _fail("eval", f"--env sc2: {e}")

@@ -124,6 +124,10 @@ class ModelRepository:
             handle.close()
             raise OSError(f"another run is writing versions of {name!r} under {self.root} (pid {holder}); wait "
                           f"for it, stop it, or use another --name") from None
+        except OSError as e:  # NFS emulates flock with write locks: a read-only open cannot take one there
+            handle.close()
+            raise OSError(f"cannot lock {path} ({e.strerror or e}): let this user write it (chmod g+w) or remove "
+                          f"it") from None
         if handle.writable():
             handle.seek(0)
             handle.truncate()

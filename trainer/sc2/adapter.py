@@ -17,11 +17,13 @@ Slots. On the first frame of an episode (`assign`) every own/enemy unit gets the
 agent/enemy list: the units of each type, sorted by tag, fill that type's slots in scenario order. A slot
 keeps its unit's tag for the whole episode (as SMAC keeps a unit's id).
 
-Life and death follow SMAC: a unit in `raw_units` is alive, whatever its truncated health reads; once its
-tag is gone the unit is dead for the rest of the episode (SMAC's death tracker), even if the tag comes
-back, and its slot stays, zeroed, like the simulator's dead units. Tags that hold no slot are ignored, as
-SMAC ignores them: SMAC's maps respawn both armies once every unit is dead, so after a mutual wipe new
-tags arrive in the same frame in which the old ones vanish.
+Life and death follow SMAC: a unit in `raw_units` is alive, whatever its truncated health reads; a unit whose
+tag is missing is dead in that frame (its slot zeroed, like the simulator's dead units), and should the tag come
+back (under fog of war, an enemy out of every unit's sight is missing too) it is alive again. `dead` records
+every unit that has been missing this episode: SMAC's death tracker, which counts a unit's kill, and its
+damage, once (SC2Battle's reward). Tags that hold no slot are ignored, as SMAC ignores them: SMAC's maps
+respawn both armies once every unit is dead, so after a mutual wipe new tags arrive in the same frame in which
+the old ones vanish.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ class RawConverter:
         self.sim = BattleSim(scenario, 1, check_actions=False, auto_reset=False)
         self.A, self.M = sc.n_agents, sc.n_enemies
         self.tags = np.zeros(self.A + self.M, np.int64)  # (U,) the unit tag in each slot; 0 before `assign`
-        self.dead = np.zeros(self.A + self.M, bool)  # (U,) SMAC's death tracker: gone once, dead all episode
+        self.dead = np.zeros(self.A + self.M, bool)  # (U,) SMAC's death tracker: missing at least once
         self._own_types: dict[int, str] = self.unit_types
 
     # --- raw units -> slots ---------------------------------------------------------------------------
@@ -201,8 +203,8 @@ class RawConverter:
 
     def observe(self, observation, last_actions=None) -> StepOutput:
         """Write the frame's units into the simulator's state and recompute its features. A slot whose
-        tag is missing from the frame is dead from now to the end of the episode; tags without a slot
-        are ignored (see the module docstring).
+        tag is missing from the frame is dead in it (and tracked in `dead`); tags without a slot are ignored
+        (see the module docstring).
 
         observation: a TimeStep / observation / raw_units array of the current frame.
         last_actions: (A,) the actions just taken (SMAC's last-action one-hots in the state); None keeps them.
@@ -218,9 +220,8 @@ class RawConverter:
         alive = np.zeros(U, bool)
         for slot, tag in enumerate(self.tags):
             i = row_of.get(int(tag))
-            if i is None:  # gone: dead, and dead it stays, should the tag show up again (its kill counted once)
+            if i is None:  # gone: dead in this frame, and its death tracked (it may show up again: see above)
                 self.dead[slot] = True
-            if self.dead[slot]:
                 continue
             row = raw[i]
             alive[slot] = True

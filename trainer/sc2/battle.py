@@ -91,7 +91,7 @@ def make_sc2_env(scenario: Scenario, *, map_name: str | None = None, difficulty:
         return sc2_env.SC2Env(map_name=smac_map(map_name or scenario.name), players=players,
                               agent_interface_format=aif, step_mul=step_mul, game_steps_per_episode=0,
                               random_seed=seed, disable_fog=disable_fog, ensure_available_actions=False, **kwargs)
-    except OSError as e:  # the game or the map file is missing
+    except Exception as e:  # noqa: BLE001 - the game, its binary or the map missing (OSError, pysc2's SC2LaunchError)
         raise RuntimeError(
             f"cannot start StarCraft II for scenario {scenario.name}: {e}. Install the game (SC2PATH, default "
             f"~/StarCraftII) and SMAC's maps in $SC2PATH/Maps/SMAC_Maps/ "
@@ -181,14 +181,17 @@ class SC2Battle:
             raise ValueError(f"actions must have shape (1, n_agents) = (1, {A}), got {tuple(acts.shape)}")
         acts = acts.long().cpu().numpy()[0]
         calls = self.conv.to_raw_actions(acts, check=self.check_actions)
-        pre = (sim.hp + sim.sh)[0, A:].clone(), sim.alive[0].clone()
+        pre = (sim.hp + sim.sh)[0, A:].clone()
+        tracked = torch.as_tensor(self.conv.dead[A:].copy())  # enemies whose death already paid out
         ts = self.env.step([calls])[0]
         self.timestep = ts
         out = self.conv.observe(ts, last_actions=acts)
 
         alive = sim.alive[0]
-        dealt = (pre[0] - (sim.hp + sim.sh)[0, A:]).clamp(min=0).sum()
-        kills = (pre[1][A:] & ~alive[A:]).sum()
+        # SMAC's reward: each enemy's damage and kill count until its death is tracked, and never again
+        # (a tag that comes back and goes again pays nothing more)
+        dealt = ((pre - (sim.hp + sim.sh)[0, A:]).clamp(min=0) * ~tracked).sum()
+        kills = (torch.as_tensor(self.conv.dead[A:]) & ~tracked).sum()
         army = alive & ~sim.healer
         won = bool(army[:A].any() and not army[A:].any())
         lost = not bool(army[:A].any())
@@ -220,11 +223,12 @@ class SC2Battle:
 
 
 @torch.no_grad()
-def evaluate_in_game(policy, scenario: Scenario, episodes: int, *, greedy: bool = True, seed: int = 0,
+def evaluate_in_game(policy, scenario: Scenario, episodes: int, *, greedy: bool = True, seed: int | None = None,
                      baseline: str | None = None, battle: SC2Battle | None = None, **env_kwargs) -> dict:
     """`trainer.ppo.evaluate` in the real game: play `episodes` episodes one after another in one SC2Battle (a
     game started with `make_sc2_env(scenario, seed=seed, **env_kwargs)` unless `battle` is given), with `policy`
-    (greedy or sampled) or a scripted `baseline`, and return the same keys (plus `env`: "sc2")."""
+    (greedy or sampled) or a scripted `baseline`, and return the same keys (plus `env`: "sc2"). A `seed` is
+    re-applied to every episode's game (the module docstring's Seeds): None, the default, lets each be new."""
     from trainer.sim.baselines import BASELINES
 
     own = battle is None
@@ -232,9 +236,10 @@ def evaluate_in_game(policy, scenario: Scenario, episodes: int, *, greedy: bool 
     A = scenario.n_agents
     unit = torch.arange(A)
     greedy_t = torch.full((A,), greedy, dtype=torch.bool)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed or 0)
     keys = ("won", "timeout", "episode_return", "episode_length", "allies_left", "enemies_left")
     totals = dict.fromkeys(keys, 0.0)
+    was_training = policy is not None and policy.training
     if policy is not None:
         policy.eval()
     try:
@@ -258,6 +263,8 @@ def evaluate_in_game(policy, scenario: Scenario, episodes: int, *, greedy: bool 
     finally:
         if own:
             battle.close()
+        if was_training:
+            policy.train()
     return {"env": "sc2", "win_rate": totals["won"] / episodes, "episodes": episodes,
             "mean_return": totals["episode_return"] / episodes,
             "mean_length": totals["episode_length"] / episodes,
