@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,41 @@ def test_a_name_in_use_stops_every_rank_at_once(tmp_path):
     assert "another run is writing versions of 'x'" in stderr
     assert "rank 1 stops: rank 0 could not start" in stderr
     assert ModelRepository(tmp_path / "models").versions("x") == []
+
+
+def _failing_save_worker(rank: int, world: int, port: int, tmp: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    import trainer.ppo as ppo
+    from trainer.config import TrainError
+
+    def disk_full(*args, **kw):
+        raise TrainError("saving failed: No space left on device")
+
+    ppo._save = disk_full  # only rank 0 saves: only rank 0 meets it
+    cfg = TrainConfig(models=os.path.join(tmp, "models"), name="full", scenario="3m", envs=16, rollout=8,
+                      hidden=16, epochs=1, minibatches=1, steps=16 * 8 * 2 * 20, eval_every=16 * 8 * 2 * 2,
+                      eval_episodes=4, progress=False, seed=0)
+    try:
+        train(cfg)
+        outcome = "finished"
+    except TrainError as e:
+        outcome = f"failed: {e}"
+    Path(tmp, f"rank{rank}.txt").write_text(outcome)
+    leave_process_group(0)
+
+
+@pytest.mark.slow
+def test_a_failure_on_rank_0_alone_ends_every_rank(tmp_path):
+    """Rank 0 alone evaluates and saves; when that fails, the other rank must not wait for it in the next
+    collective (it used to, until gloo's timeout): rank 0 reports the error, rank 1 ends with it."""
+    import time
+
+    started = time.monotonic()
+    mp.start_processes(_failing_save_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    assert time.monotonic() - started < 50  # well inside the 60 s collective timeout set above
+    assert (tmp_path / "rank0.txt").read_text() == "failed: saving failed: No space left on device"
+    assert (tmp_path / "rank1.txt").read_text() == "finished"

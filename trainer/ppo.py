@@ -406,6 +406,7 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop, held: contextlib.E
     ep_wins, ep_returns, ep_count = 0.0, 0.0, 0
     iter_stats: dict[str, float] = {}
     stop_next = False  # rank 0's decision, taken right after an evaluation so the last version is always saved
+    failure: Exception | None = None  # rank 0's error in its logging, evaluation or save (under torchrun)
 
     def budget_fraction() -> float:
         frac = 0.0
@@ -536,66 +537,73 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop, held: contextlib.E
         # --- 4. log --------------------------------------------------------------------------------------------
         if rank != 0:
             continue
-        elapsed = time.perf_counter() - t0
-        agent_steps_per_s = (global_step - start_step) * A / max(elapsed, 1e-9)
-        train_win = ep_wins / ep_count if ep_count else None
-        train_ret = ep_returns / ep_count if ep_count else None
-        if metrics is not None:
-            metrics.update_iteration(steps=global_step, samples=samples, agent_steps_per_s=agent_steps_per_s,
-                                     train_win_rate=train_win, train_return=train_ret, lr=lr, **iter_stats)
-        if bar is not None:
-            bar.update(steps_per_iter)
-            bar.set_postfix_str(
-                f"agent-steps/s {agent_steps_per_s:,.0f} | win {'-' if train_win is None else f'{train_win:.2f}'}"
-                f" | ret {'-' if train_ret is None else f'{train_ret:.1f}'}"
-                f" | eval {'-' if last_eval is None else f'{last_eval:.2f}'}"
-                # a budget in minutes gives the bar no total (and so no time left) of its own
-                + (f" | {max(minutes - elapsed / 60, 0):.1f} min left" if minutes and not budget_steps else ""),
-                refresh=False)
-
-        # --- 5. evaluate and save ----------------------------------------------------------------------------
-        due = (global_step - last_eval_step >= eval_every) if eval_every else (time.perf_counter() - last_eval_time >= 20)
-        budget_done = budget_fraction() >= 1.0
-        signalled = signalled or graceful.signal  # this rank's own, if it came during this iteration
-        over = budget_done or bool(signalled)
-        if due or over:
-            ev = evaluate(policy, sc, cfg.eval_episodes, cfg.seed, device=dev)
-            last_eval, last_eval_step, last_eval_time = ev["win_rate"], global_step, time.perf_counter()
-            best_win = ev["win_rate"] if best_win is None else max(best_win, ev["win_rate"])
-            version = _save(repo, cfg.name, policy, scenario=sc, step=global_step, eval_win_rate=ev["win_rate"],
-                                extra={"eval_episodes": cfg.eval_episodes, "eval_seed": cfg.seed,
-                                       "eval_mean_return": ev["mean_return"], "samples": samples_before + samples,
-                                       "minutes": round(minutes_before + elapsed / 60, 4), "resumed_from": resumed_from,
-                                       "training": {**training_settings(cfg), "world_size": world}})
-            row = {"steps": global_step, "minutes": round(minutes_before + elapsed / 60, 4),
-                   "samples": samples_before + samples,
-                   "win_rate": ev["win_rate"], "return": round(ev["mean_return"], 4),
-                   "train_win_rate": None if train_win is None else round(train_win, 4),
-                   "train_return": None if train_ret is None else round(train_ret, 4),
-                   **{k: round(v, 6) for k, v in iter_stats.items()}, "lr": lr, "ent_coef": ent_coef,
-                   "agent_steps_per_s": round(agent_steps_per_s, 1), "version": version}
-            history.append(row)
-            if stale_log:  # only now that this run has rows of its own to write
-                _move_aside(csv_path, "this run does not continue all of it")
-                stale_log = False
-            _write_csv(csv_path, prior + history)
-            reached = target_held(history, cfg.target_win_rate, cfg.target_window)
-            ep_wins, ep_returns, ep_count = 0.0, 0.0, 0
+        try:  # rank 0 alone: a failure here must still reach the others through the next stop decision
+            elapsed = time.perf_counter() - t0
+            agent_steps_per_s = (global_step - start_step) * A / max(elapsed, 1e-9)
+            train_win = ep_wins / ep_count if ep_count else None
+            train_ret = ep_returns / ep_count if ep_count else None
             if metrics is not None:
-                metrics.update_eval(win_rate=ev["win_rate"], mean_return=ev["mean_return"], version=version)
-                metrics.push()
-            line = (f"step {global_step:,}  {elapsed / 60:5.2f} min  eval win rate {ev['win_rate']:.3f}  "
-                    f"return {ev['mean_return']:.2f}  -> version {version}")
+                metrics.update_iteration(steps=global_step, samples=samples, agent_steps_per_s=agent_steps_per_s,
+                                         train_win_rate=train_win, train_return=train_ret, lr=lr, **iter_stats)
             if bar is not None:
-                bar.write(line, file=sys.stderr)
-            else:
-                print(line, file=sys.stderr, flush=True)
-            if reached:
-                stop_reason = "target"
-            elif signalled and not budget_done:  # a signal during the budget's own last evaluation changes nothing
-                stop_reason = signal.Signals(int(signalled)).name
-            stop_next = over or reached
+                bar.update(steps_per_iter)
+                bar.set_postfix_str(
+                    f"agent-steps/s {agent_steps_per_s:,.0f} | win {'-' if train_win is None else f'{train_win:.2f}'}"
+                    f" | ret {'-' if train_ret is None else f'{train_ret:.1f}'}"
+                    f" | eval {'-' if last_eval is None else f'{last_eval:.2f}'}"
+                    # a budget in minutes gives the bar no total (and so no time left) of its own
+                    + (f" | {max(minutes - elapsed / 60, 0):.1f} min left" if minutes and not budget_steps else ""),
+                    refresh=False)
 
+            # --- 5. evaluate and save ----------------------------------------------------------------------------
+            due = (global_step - last_eval_step >= eval_every) if eval_every else (time.perf_counter() - last_eval_time >= 20)
+            budget_done = budget_fraction() >= 1.0
+            signalled = signalled or graceful.signal  # this rank's own, if it came during this iteration
+            over = budget_done or bool(signalled)
+            if due or over:
+                ev = evaluate(policy, sc, cfg.eval_episodes, cfg.seed, device=dev)
+                last_eval, last_eval_step, last_eval_time = ev["win_rate"], global_step, time.perf_counter()
+                best_win = ev["win_rate"] if best_win is None else max(best_win, ev["win_rate"])
+                version = _save(repo, cfg.name, policy, scenario=sc, step=global_step, eval_win_rate=ev["win_rate"],
+                                    extra={"eval_episodes": cfg.eval_episodes, "eval_seed": cfg.seed,
+                                           "eval_mean_return": ev["mean_return"], "samples": samples_before + samples,
+                                           "minutes": round(minutes_before + elapsed / 60, 4), "resumed_from": resumed_from,
+                                           "training": {**training_settings(cfg), "world_size": world}})
+                row = {"steps": global_step, "minutes": round(minutes_before + elapsed / 60, 4),
+                       "samples": samples_before + samples,
+                       "win_rate": ev["win_rate"], "return": round(ev["mean_return"], 4),
+                       "train_win_rate": None if train_win is None else round(train_win, 4),
+                       "train_return": None if train_ret is None else round(train_ret, 4),
+                       **{k: round(v, 6) for k, v in iter_stats.items()}, "lr": lr, "ent_coef": ent_coef,
+                       "agent_steps_per_s": round(agent_steps_per_s, 1), "version": version}
+                history.append(row)
+                if stale_log:  # only now that this run has rows of its own to write
+                    _move_aside(csv_path, "this run does not continue all of it")
+                    stale_log = False
+                _write_csv(csv_path, prior + history)
+                reached = target_held(history, cfg.target_win_rate, cfg.target_window)
+                ep_wins, ep_returns, ep_count = 0.0, 0.0, 0
+                if metrics is not None:
+                    metrics.update_eval(win_rate=ev["win_rate"], mean_return=ev["mean_return"], version=version)
+                    metrics.push()
+                line = (f"step {global_step:,}  {elapsed / 60:5.2f} min  eval win rate {ev['win_rate']:.3f}  "
+                        f"return {ev['mean_return']:.2f}  -> version {version}")
+                if bar is not None:
+                    bar.write(line, file=sys.stderr)
+                else:
+                    print(line, file=sys.stderr, flush=True)
+                if reached:
+                    stop_reason = "target"
+                elif signalled and not budget_done:  # a signal during the budget's last evaluation changes nothing
+                    stop_reason = signal.Signals(int(signalled)).name
+                stop_next = over or reached
+        except Exception as e:  # noqa: BLE001 - re-raised below, once every rank has left the loop
+            if world == 1:
+                raise
+            failure, stop_next = e, True
+
+    if failure is not None:  # every rank is out of the loop: rank 0's own error (a failed save, ...) goes up now
+        raise failure
     elapsed = time.perf_counter() - t0
     if bar is not None:
         bar.close()
