@@ -366,6 +366,8 @@ class RunningServer:
             raise ValueError(f"--version must be a positive integer (versions count from 1), got {config.version}")
         if config.torch_threads < 0:  # as the trainer's --threads
             raise ValueError(f"--torch-threads must be >= 0 (0: torch's default), got {config.torch_threads}")
+        if Path(config.models).exists() and not Path(config.models).is_dir():  # a missing one may yet appear
+            raise ValueError(f"--models {config.models} is a file, not a model repository (a directory)")
         self.metrics = ServiceMetrics(registry)
         self.process = (ProcessForward(threads=config.torch_threads, seed=config.seed)
                         if config.forward_worker == "process" else None)

@@ -628,6 +628,10 @@ def test_serve_and_play_refuse_bad_settings_in_one_line(service_repo, tmp_path, 
     # the commands print one line and exit 2
     assert main(["serve", "--models", str(root), "--name", "m", "--port", "0", "--torch-threads", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "phalanx serve: --torch-threads must be >= 0 (0: torch's default), got -1"
+    (tmp_path / "afile").write_text("")  # a file can never hold versions: refused rather than waited on
+    assert main(["serve", "--models", str(tmp_path / "afile"), "--name", "m", "--port", "0"]) == 2
+    assert capsys.readouterr().err.strip() == (f"phalanx serve: --models {tmp_path / 'afile'} is a file, not a model "
+                                               "repository (a directory)")
     assert main(["play", "--server", "127.0.0.1:1", "--scenario", "3m", "--timeout", "0"]) == 2
     assert capsys.readouterr().err.strip() == "phalanx play: --timeout must be > 0 seconds, got 0.0"
     serve_flags = ["serve", "--models", str(root), "--name", "m", "--log-level"]
