@@ -1095,3 +1095,28 @@ def test_play_says_what_a_call_cancelled_by_the_server_likely_means(capsys):
     err = capsys.readouterr().err
     assert code == 1 and err.strip() == (f"phalanx play: 127.0.0.1:{port}: CANCELLED: the call was cancelled (the "
                                          "server shutting down, or the connection dropped)"), err
+
+
+def test_server_reflection_describes_the_api(service_repo):
+    """grpcurl / grpcui / Postman discover the API through server reflection: the services are listed and
+    Act's request and response types resolve to the .proto's messages."""
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    root, _, _ = service_repo
+
+    async def main():
+        async with serving(root) as running:
+            def look(address):
+                with grpc.insecure_channel(address) as channel:
+                    database = ProtoReflectionDescriptorDatabase(channel)
+                    services = set(database.get_services())
+                    act = DescriptorPool(database).FindServiceByName("phalanx.v1.Inference").FindMethodByName("Act")
+                    return services, act.input_type.full_name, act.output_type.full_name, sorted(
+                        f.name for f in act.input_type.fields)
+            return await asyncio.to_thread(look, running.address)
+
+    services, request, response, fields = asyncio.run(main())
+    assert {"phalanx.v1.Inference", "grpc.health.v1.Health"} <= services
+    assert (request, response) == ("phalanx.v1.ActRequest", "phalanx.v1.ActResponse")
+    assert {"observation", "action_mask", "unit_id", "game_id", "spec_hash", "prev_reward", "prev_done"} <= set(fields)
