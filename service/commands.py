@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from trainer.commands import SC2_DIFFICULTIES
+    from trainer.commands import add_game_flags
 
     p = sub.add_parser("serve", help="serve a model from the repository over gRPC (Act, ActStream, ActBatch)",
                        description="Run the batching gRPC inference service for one model of the repository: "
@@ -77,10 +77,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
     p.set_defaults(func=cmd_health)
 
-    p = sub.add_parser("play", help="play simulator games with actions from a running service",
-                       description="Run N built-in-simulator games at once (BattleSim(scenario, N, seed)), asking "
-                                   "the service for every live unit's action each step; prints win rate, "
-                                   "throughput and latency as one JSON line.")
+    p = sub.add_parser("play", help="play games (simulator or StarCraft II) with actions from a running service",
+                       description="Run N built-in-simulator games at once (BattleSim(scenario, N, seed)), or N "
+                                   "episodes of real StarCraft II (--env sc2), asking the service for every live "
+                                   "unit's action each step; prints win rate, throughput and latency as one JSON "
+                                   "line.")
     p.add_argument("--server", required=True, help="HOST:PORT of `phalanx serve`")
     p.add_argument("--scenario", required=True, help="scenario name, e.g. 3m (see `phalanx scenarios`)")
     p.add_argument("--games", type=int, default=8,
@@ -101,14 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=10.0,
                    help="deadline per call in seconds; with --rpc stream, the longest wait for each answer "
                         "(default 10)")
-    p.add_argument("--env", choices=("sim", "sc2"), default="sim",
-                   help="sim: the built-in simulator, all games at once (default); sc2: real StarCraft II through "
-                        "pysc2 (the `sc2` extra, the game and SMAC's maps installed), --games episodes one after "
-                        "another against the built-in bot")
-    p.add_argument("--sc2-map", help="with --env sc2: the SMAC map to load (default: the scenario's name)")
-    p.add_argument("--sc2-difficulty", default="very_hard", choices=SC2_DIFFICULTIES, metavar="LEVEL",
-                   help="with --env sc2: the built-in bot's difficulty, one of " + ", ".join(SC2_DIFFICULTIES)
-                        + " (default very_hard)")
+    add_game_flags(p, "--games episodes one after another")
     p.set_defaults(func=cmd_play)
 
 
@@ -208,6 +202,7 @@ def _game_error(e: Exception) -> bool:
 def cmd_play(args) -> int:
     from service.client import AsyncClient, StreamError, read_token, rpc_error_text
     from service.play import play_games, play_in_game
+    from trainer.commands import game_flag_error
     from trainer.sim import ScenarioError, load_scenario
 
     if args.games < 1:
@@ -244,8 +239,8 @@ def cmd_play(args) -> int:
         except (RuntimeError, ValueError) as e:  # no game or map, a map unlike the scenario
             print(f"phalanx play: --env sc2: {e}", file=sys.stderr)
             return 2
-    elif args.sc2_map is not None or args.sc2_difficulty != "very_hard":
-        print("phalanx play: --sc2-map and --sc2-difficulty apply to --env sc2", file=sys.stderr)
+    elif (error := game_flag_error(args)) is not None:
+        print(f"phalanx play: {error}", file=sys.stderr)
         return 2
 
     async def run() -> dict:

@@ -135,14 +135,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", choices=BASELINE_NAMES, help="evaluate this scripted baseline instead of a model")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (the built-in simulator only)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--env", choices=("sim", "sc2"), default="sim",
-                   help="sim: the built-in simulator, all games at once (default); sc2: real StarCraft II through "
-                        "pysc2 (the `sc2` extra, the game and SMAC's maps installed), one game after another "
-                        "against the built-in bot")
-    p.add_argument("--sc2-map", help="with --env sc2: the SMAC map to load (default: the scenario's name)")
-    p.add_argument("--sc2-difficulty", default="very_hard", choices=SC2_DIFFICULTIES, metavar="LEVEL",
-                   help="with --env sc2: the built-in bot's difficulty, one of " + ", ".join(SC2_DIFFICULTIES)
-                        + " (default very_hard, SMAC's level 7)")
+    add_game_flags(p, "its episodes one after another")
     p.set_defaults(func=cmd_eval)
 
 
@@ -154,6 +147,25 @@ def _kept(defaults, field: str) -> str:
 # pysc2's Difficulty names (listed here so that --help needs no pysc2)
 SC2_DIFFICULTIES = ("very_easy", "easy", "medium", "medium_hard", "hard", "harder", "very_hard", "cheat_vision",
                     "cheat_money", "cheat_insane")
+
+
+def add_game_flags(p: argparse.ArgumentParser, episodes: str) -> None:
+    """--env, --sc2-map, --sc2-difficulty: where `phalanx eval` and `phalanx play` play their games."""
+    p.add_argument("--env", choices=("sim", "sc2"), default="sim",
+                   help="sim: the built-in simulator, all games at once (default); sc2: real StarCraft II through "
+                        f"pysc2 (the `sc2` extra, the game and SMAC's maps installed), {episodes} against the "
+                        "built-in bot")
+    p.add_argument("--sc2-map", help="with --env sc2: the SMAC map to load (default: the scenario's name)")
+    p.add_argument("--sc2-difficulty", default="very_hard", choices=SC2_DIFFICULTIES, metavar="LEVEL",
+                   help="with --env sc2: the built-in bot's difficulty, one of " + ", ".join(SC2_DIFFICULTIES)
+                        + " (default very_hard, SMAC's level 7)")
+
+
+def game_flag_error(args) -> str | None:
+    """The game flags' one rule: --sc2-* only with --env sc2."""
+    if args.env != "sc2" and (args.sc2_map is not None or args.sc2_difficulty != "very_hard"):
+        return "--sc2-map and --sc2-difficulty apply to --env sc2"
+    return None
 
 
 def scenario_to_play(scenario: str | None, models: str | None, name: str | None, version: int | None,
@@ -453,8 +465,8 @@ def cmd_eval(args) -> int:
     in_game = args.env == "sc2"
     if in_game and cfg.device != "cpu":
         return _fail("eval", "--env sc2 plays one game at a time on the CPU: leave --device out")
-    if not in_game and (args.sc2_map is not None or args.sc2_difficulty != "very_hard"):
-        return _fail("eval", "--sc2-map and --sc2-difficulty apply to --env sc2")
+    if (error := game_flag_error(args)) is not None:
+        return _fail("eval", error)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         return _fail("eval", "--device cuda was asked for, but torch sees no CUDA device")
     if cfg.threads:
