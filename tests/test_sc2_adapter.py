@@ -93,17 +93,24 @@ def full_raw(name: str) -> np.ndarray:
 
 
 # --- geometry ------------------------------------------------------------------------------------------
-def test_geometry_matches_pysc2_transforms():
-    """Observation side through pysc2's own transform_obs, action side through its transform_action."""
-    aif = sc2_env.AgentInterfaceFormat(use_raw_units=True, use_raw_actions=True, raw_resolution=256,
+def through_pysc2(raw_resolution, map_size, unit_type, world, *, radius: float, health: int):
+    """Own units of one type at world points, turned into raw_units by pysc2's own transform_obs:
+    (its Features, for the action side too; the raw_units array)."""
+    aif = sc2_env.AgentInterfaceFormat(use_raw_units=True, use_raw_actions=True, raw_resolution=raw_resolution,
                                        action_space=actions.ActionSpace.RAW)
-    feats = features.Features(aif, map_size=point.Point(32, 32))
-    world = [(10.3, 20.7), (23.9, 4.05)]
-    units = [dummy_observation.FeatureUnit(Terran.Marine, 1, owner=1, pos=common_pb2.Point(x=x, y=y, z=0),
-                                           radius=0.375, health=45, health_max=45, is_on_screen=True)
+    feats = features.Features(aif, map_size=point.Point(*map_size))
+    units = [dummy_observation.FeatureUnit(unit_type, 1, owner=1, pos=common_pb2.Point(x=x, y=y, z=0),
+                                           radius=radius, health=health, health_max=health, is_on_screen=True)
              for x, y in world]
     obs = feats.transform_obs(dummy_observation.Builder(feats.observation_spec()).feature_units(units).build())
-    got = GEO.to_map(obs["raw_units"][:, [FeatureUnit.x, FeatureUnit.y]])
+    return feats, obs["raw_units"]
+
+
+def test_geometry_matches_pysc2_transforms():
+    """Observation side through pysc2's own transform_obs, action side through its transform_action."""
+    world = [(10.3, 20.7), (23.9, 4.05)]
+    feats, raw = through_pysc2(256, (32, 32), Terran.Marine, world, radius=0.375, health=45)
+    got = GEO.to_map(raw[:, [FeatureUnit.x, FeatureUnit.y]])
     assert np.abs(got - np.array(world)).max() <= 1 / 16 + 1e-9  # half a raw cell
     target = np.array([10.3125, 20.6875])  # a raw cell centre: exact both ways
     call = RAW.Move_pt("now", [TAG0], GEO.to_raw(target).tolist())
@@ -512,15 +519,9 @@ def test_geometry_from_env_on_a_non_square_map(mixed):
     env = ScriptedEnv([], map_size=(40, 24), raw_resolution=(320, 192))  # a non-square grid too
     geo = geometry_from_env(env, scenario=mixed)
     assert geo == RawGeometry((40.0, 24.0), (320, 192))
-    aif = sc2_env.AgentInterfaceFormat(use_raw_units=True, use_raw_actions=True, raw_resolution=(320, 192),
-                                       action_space=actions.ActionSpace.RAW)
-    feats = features.Features(aif, map_size=point.Point(40, 24))
     world = [(30.3, 5.2), (4.9, 20.7)]
-    units = [dummy_observation.FeatureUnit(Protoss.Stalker, 1, owner=1, pos=common_pb2.Point(x=x, y=y, z=0),
-                                           radius=0.625, health=80, health_max=80, is_on_screen=True)
-             for x, y in world]
-    obs = feats.transform_obs(dummy_observation.Builder(feats.observation_spec()).feature_units(units).build())
-    got = geo.to_map(obs["raw_units"][:, [FeatureUnit.x, FeatureUnit.y]])
+    feats, raw = through_pysc2((320, 192), (40, 24), Protoss.Stalker, world, radius=0.625, health=80)
+    got = geo.to_map(raw[:, [FeatureUnit.x, FeatureUnit.y]])
     assert (np.abs(got - np.array(world)) <= 0.5 / geo.scale + 1e-9).all()  # half a raw cell
     with pytest.raises(ValueError, match=r"40 x 24.*3m.*32 x 32"):
         geometry_from_env(env, scenario=load_scenario("3m"))
