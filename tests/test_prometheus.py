@@ -1,7 +1,7 @@
 """Against a real Prometheus and Pushgateway, as operators run them: the service's /metrics is scraped and the
 trainer's batch-job metrics are pushed, then read back through Prometheus's query API.
 
-The binaries are Debian's `prometheus` and `prometheus-pushgateway` (`.ci/setup` installs them where it can use
+The binaries are Debian's `prometheus` and `prometheus-pushgateway` (`.ci/run` installs them where it can use
 apt-get as root); without them these tests are skipped with that reason.
 """
 
@@ -27,7 +27,7 @@ from trainer.train_metrics import TrainMetrics
 
 PROMETHEUS, PUSHGATEWAY = shutil.which("prometheus"), shutil.which("prometheus-pushgateway")
 pytestmark = pytest.mark.skipif(not (PROMETHEUS and PUSHGATEWAY),
-                                reason="needs prometheus and prometheus-pushgateway on PATH (.ci/setup installs them)")
+                                reason="needs prometheus and prometheus-pushgateway on PATH (.ci/run installs them)")
 
 
 def _free_port() -> int:
