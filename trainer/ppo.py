@@ -149,6 +149,18 @@ def team_gae(rewards: torch.Tensor, values: torch.Tensor, next_value: torch.Tens
 # --- evaluation (shared with `phalanx eval`; `phalanx play` reproduces it through the service) ---------------
 
 @torch.no_grad()
+def policy_actions(policy: Policy, obs: torch.Tensor, mask: torch.Tensor, unit: torch.Tensor,
+                   greedy: torch.Tensor, generator: torch.Generator, h: torch.Tensor | None):
+    """One step's actions for rows (B,) as evaluation plays them: `policy.act`, or for a recurrent actor (the
+    trainer's own view) its step with the hidden state `h` carried. -> (actions (B,), h)."""
+    if not policy.recurrent:
+        return policy.act(obs, mask, unit, greedy, generator=generator).action, h
+    logits, h = policy.actor_step(obs, mask, unit, h)
+    sampled = torch.multinomial(torch.softmax(logits, 1), 1, generator=generator).squeeze(1)
+    return torch.where(greedy, logits.argmax(1), sampled), h
+
+
+@torch.no_grad()
 def evaluate(policy: Policy | None, scenario, episodes: int, seed: int, *, greedy: bool = True,
              baseline: str | None = None, device: str | torch.device = "cpu") -> dict:
     """Play `episodes` games at once, BattleSim(scenario, episodes, seed=seed) after reset(), and count the
@@ -174,14 +186,11 @@ def evaluate(policy: Policy | None, scenario, episodes: int, seed: int, *, greed
         obs, mask = out.obs.reshape(episodes * A, -1), out.avail.reshape(episodes * A, -1)
         if baseline is not None:
             actions = BASELINES[baseline](sim, generator=gen)
-        elif policy.recurrent:  # the trainer's own view: carry each unit's hidden state, zeroed at episode starts
-            if h is not None:
-                h = h * (~out.done).repeat_interleave(A).unsqueeze(1).to(h.dtype)
-            logits, h = policy.actor_step(obs, mask, unit, h)
-            sampled = torch.multinomial(torch.softmax(logits, 1), 1, generator=gen).squeeze(1)
-            actions = (logits.argmax(1) if greedy else sampled).reshape(episodes, A)
         else:
-            actions = policy.act(obs, mask, unit, greedy_t, generator=gen).action.reshape(episodes, A)
+            if h is not None:  # a recurrent actor's hidden state, zeroed at episode starts
+                h = h * (~out.done).repeat_interleave(A).unsqueeze(1).to(h.dtype)
+            actions, h = policy_actions(policy, obs, mask, unit, greedy_t, gen, h)
+            actions = actions.reshape(episodes, A)
         out = sim.step(actions)
         first = out.done & ~finished
         for k in keys:

@@ -229,6 +229,7 @@ def evaluate_in_game(policy, scenario: Scenario, episodes: int, *, greedy: bool 
     game started with `make_sc2_env(scenario, seed=seed, **env_kwargs)` unless `battle` is given), with `policy`
     (greedy or sampled) or a scripted `baseline`, and return the same keys (plus `env`: "sc2"). A `seed` is
     re-applied to every episode's game (the module docstring's Seeds): None, the default, lets each be new."""
+    from trainer.ppo import policy_actions
     from trainer.sim.baselines import BASELINES
 
     own = battle is None
@@ -249,12 +250,9 @@ def evaluate_in_game(policy, scenario: Scenario, episodes: int, *, greedy: bool 
                 obs, mask = out.obs.reshape(A, -1), out.avail.reshape(A, -1)
                 if baseline is not None:  # the scripted players read the simulator mirror of the frame
                     actions = BASELINES[baseline](battle.conv.sim, generator=gen)
-                elif policy.recurrent:
-                    logits, h = policy.actor_step(obs, mask, unit, h)
-                    sampled = torch.multinomial(torch.softmax(logits, 1), 1, generator=gen).squeeze(1)
-                    actions = (logits.argmax(1) if greedy else sampled).reshape(1, A)
                 else:
-                    actions = policy.act(obs, mask, unit, greedy_t, generator=gen).action.reshape(1, A)
+                    actions, h = policy_actions(policy, obs, mask, unit, greedy_t, gen, h)
+                    actions = actions.reshape(1, A)
                 out = battle.step(actions)
                 if bool(out.done[0]):
                     for k in keys:
