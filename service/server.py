@@ -275,25 +275,6 @@ def _read_flag_file(flag: str, path: Path) -> bytes:
         raise OSError(f"{flag} {path}: {e.strerror or e}") from None
 
 
-def _model_names(root: Path) -> dict[str, list[int]]:
-    """The names under a model repository's root that hold complete versions, each with its versions (none if
-    the root cannot be read)."""
-    repository = ModelRepository(root)
-    try:
-        entries = sorted(p.name for p in root.iterdir() if p.is_dir())
-    except OSError:
-        return {}
-    names = {}
-    for name in entries:
-        try:
-            versions = repository.versions(name)
-        except (OSError, ValueError):  # not a model name (say, a hidden directory), or unreadable
-            continue
-        if versions:
-            names[name] = versions
-    return names
-
-
 def _check_tls_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> None:
     """Refuse a certificate or key that TLS cannot use, naming the file. gRPC finds out only as it binds the
     port, and then reports nothing but a failed bind (which reads as "the port is in use")."""
@@ -483,7 +464,7 @@ class RunningServer:
             why = f"the models directory {root} {'is not a directory' if root.exists() else 'does not exist'} " \
                   "(check --models)"
         else:
-            names = _model_names(root)
+            names = ModelRepository(root).models()
             if c.name in names and c.version is not None:
                 why = (f"version {c.version} of {c.name!r} is not in {root} (it holds versions "
                        f"{', '.join(map(str, names[c.name]))})")

@@ -88,6 +88,23 @@ class ModelRepository:
                 out.append(int(entry.name))
         return sorted(out)
 
+    def models(self) -> dict[str, list[int]]:
+        """Every name under the root that holds complete versions, with its versions (empty if the root cannot
+        be read)."""
+        try:
+            entries = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        except OSError:
+            return {}
+        found = {}
+        for name in entries:
+            try:
+                versions = self.versions(name)
+            except (OSError, ValueError):  # not a model name (say, a hidden directory), or unreadable
+                continue
+            if versions:
+                found[name] = versions
+        return found
+
     def latest(self, name: str) -> int | None:
         versions = self.versions(name)
         return versions[-1] if versions else None
