@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -124,6 +125,65 @@ def test_offline_learner_prefers_the_action_the_log_rewarded(tmp_path):
     # it was judged against the version it started from, on the same games
     start = again.summary["start_eval_win_rate"]
     assert start == ModelRepository(tmp_path / "models").load("off", 1).card["eval_win_rate"]
+
+
+class _SignalAtIteration:
+    """Training metrics that send this process a signal when iteration `at` (1-based, warm-up included) is logged:
+    a Ctrl-C or `docker stop` in the middle of a run, at a known point."""
+
+    def __init__(self, at: int, signum: int = signal.SIGTERM):
+        self.at, self.signum, self.seen = at, signum, 0
+
+    def update_iteration(self, **_):
+        self.seen += 1
+        if self.seen == self.at:
+            os.kill(os.getpid(), self.signum)
+
+    def update_eval(self, **_):
+        pass
+
+
+def test_a_signal_ends_an_offline_run_after_its_iteration_with_a_saved_version(tmp_path):
+    """SIGTERM after the actor's second update: the run stops there, evaluates and saves what it learned, and says
+    why it stopped (it used to die at once, with nothing saved)."""
+    sc = load_scenario("3m")
+    synthetic_shards(tmp_path / "shards", sc)
+    cfg = OfflineConfig(shards=(str(tmp_path / "shards"),), models=str(tmp_path / "models"), name="off", scenario="3m",
+                        hidden=16, iterations=6, critic_warmup=2, epochs=2, eval_episodes=4, progress=False)
+    before = signal.getsignal(signal.SIGTERM)
+    result = train_offline(cfg, metrics=_SignalAtIteration(at=4))
+    assert result.summary["stop_reason"] == "SIGTERM" and result.summary["iterations"] == 2
+    assert [r["actor_learns"] for r in result.history] == [False, False, True, True]
+    card = ModelRepository(tmp_path / "models").load("off").card
+    assert result.summary["version"] == 1 and card["offline"]["iterations"] == 2
+    assert signal.getsignal(signal.SIGTERM) == before
+    # the name is free again: a second run (resumed: its critic needs no warm-up) goes to the end
+    again = train_offline(dataclasses.replace(cfg, iterations=1, resume="latest"))
+    assert (again.summary["stop_reason"], again.summary["version"]) == ("iterations", 2)
+
+
+def test_a_signal_during_the_critic_warm_up_saves_nothing_and_exits_with_the_signal(tmp_path, capsys, monkeypatch):
+    """Before the actor's first update there is nothing worth a version: the run ends after the iteration, saves
+    nothing, and the command exits 128 + the signal with a message saying so."""
+    import trainer.offline
+
+    sc = load_scenario("3m")
+    synthetic_shards(tmp_path / "shards", sc, rows=64)
+    real_loss, calls = trainer.offline.ppo_loss, []
+
+    def loss_then_ctrl_c(*args, **kwargs):  # Ctrl-C during the first warm-up iteration's first update
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.offline, "ppo_loss", loss_then_ctrl_c)
+    code = main(["train", "--from-shards", str(tmp_path / "shards"), "--models", str(tmp_path / "models"), "--name",
+                 "off", "--scenario", "3m", "--hidden", "16", "--critic-warmup", "3", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGINT, err
+    assert "SIGINT before the actor's first update (1 of 3 critic warm-up iterations done): nothing was saved" in err
+    assert ModelRepository(tmp_path / "models").latest("off") is None
 
 
 def test_offline_command_refuses_what_does_not_apply(tmp_path, capsys):

@@ -310,9 +310,16 @@ def offline_config_from_args(args) -> "OfflineConfig":
         progress=not args.no_progress, **given)
 
 
+def _exit_status(summary: dict) -> int:
+    """A run stopped by a signal was saved and reported, but it is not the run that was asked for: a shell sees
+    128 + the signal, as usual."""
+    stopped_by = summary.get("stop_reason", "")
+    return 128 + signal.Signals[stopped_by].value if stopped_by.startswith("SIG") else 0
+
+
 def cmd_train_offline(args) -> int:
     from trainer.config import TrainError
-    from trainer.offline import train_offline
+    from trainer.offline import StoppedBeforeLearning, train_offline
     from trainer.repository import ModelLoadError
     from trainer.shards import ShardError
     from trainer.train_metrics import TrainMetrics
@@ -335,12 +342,15 @@ def cmd_train_offline(args) -> int:
         metrics = TrainMetrics(scenario=cfg.scenario or "from-shards", model=cfg.name, pushgateway=args.pushgateway)
     try:
         result = train_offline(cfg, metrics=metrics)
+    except StoppedBeforeLearning as e:
+        print(f"phalanx train: {e}", file=sys.stderr)
+        return 128 + e.signum
     except (TrainError, ScenarioError, ModelLoadError, ShardError) as e:
         return _fail("train", str(e))
     if metrics is not None:
         metrics.push()
     print(json.dumps(result.summary))
-    return 0
+    return _exit_status(result.summary)
 
 
 def cmd_train(args) -> int:
@@ -394,9 +404,7 @@ def _train_rank(cfg, rank: int) -> int:
             metrics.push()
         if rank == 0:
             print(json.dumps(result.summary))
-        stopped_by = result.summary.get("stop_reason", "")
-        # saved and reported, but not the run that was asked for: a shell sees 128 + the signal, as usual
-        return 128 + signal.Signals[stopped_by].value if stopped_by.startswith("SIG") else 0
+        return _exit_status(result.summary)
     finally:
         if metrics is not None:
             metrics.close()

@@ -35,6 +35,7 @@ V(x) as the bootstrap of the row before it.
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 import time
 from pathlib import Path
@@ -44,8 +45,8 @@ from torch import nn
 
 from trainer.config import OfflineConfig, TrainError, training_settings
 from trainer.policy import Policy
-from trainer.ppo import (TrainResult, _prior_rows, _save, _write_csv, evaluate, ppo_loss, prepare_outputs,
-                         weights_finite)
+from trainer.ppo import (GracefulStop, TrainResult, _prior_rows, _save, _write_csv, evaluate, ppo_loss,
+                         prepare_outputs, weights_finite)
 from trainer.repository import ModelRepository
 from trainer.shards import read_shards
 from trainer.sim import load_scenario
@@ -113,13 +114,24 @@ def _score(policy: Policy, obs: torch.Tensor, mask: torch.Tensor, unit: torch.Te
     return torch.cat(log_probs), torch.cat(values)
 
 
+class StoppedBeforeLearning(TrainError):
+    """A SIGINT / SIGTERM arrived while a fresh critic was still warming up: the actor had not learned, so there is
+    nothing worth a version; `signum` gives the exit status (128 + signum)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
-    """Learn from logged shards as configured; returns the summary (the CLI's final JSON line), policy, history."""
-    with contextlib.ExitStack() as held:  # the run's claim on the name, released however it ends
-        return _train_offline(cfg, metrics, held)
+    """Learn from logged shards as configured; returns the summary (the CLI's final JSON line), policy, history.
+    A first SIGINT or SIGTERM ends the run after its iteration: evaluated and saved as at the end (summary
+    "stop_reason" names the signal) once the actor has learned, StoppedBeforeLearning during the critic warm-up."""
+    with GracefulStop() as graceful, contextlib.ExitStack() as held:  # held: the claim on the name
+        return _train_offline(cfg, metrics, graceful, held)
 
 
-def _train_offline(cfg: OfflineConfig, metrics, held: contextlib.ExitStack) -> TrainResult:
+def _train_offline(cfg: OfflineConfig, metrics, graceful: GracefulStop, held: contextlib.ExitStack) -> TrainResult:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError("--device cuda was asked for, but torch sees no CUDA device")
     if cfg.threads:
@@ -189,7 +201,15 @@ def _train_offline(cfg: OfflineConfig, metrics, held: contextlib.ExitStack) -> T
     # --- 3. iterate: score, V-trace, PPO updates, log (a fresh critic learns alone first) -------------------------
     warmup = cfg.critic_warmup if fresh_critic else 0
     actor_params = [p for name, p in policy.named_parameters() if name.startswith("actor_")]
+    stop_reason, learned = "iterations", 0
     for it in range(warmup + cfg.iterations):
+        if graceful.signal is not None:
+            stop_reason = signal.Signals(graceful.signal).name
+            if learned == 0:
+                done = f" ({it} of {warmup} critic warm-up iterations done)" if warmup else ""
+                raise StoppedBeforeLearning(f"{stop_reason} before the actor's first update{done}: nothing was "
+                                            f"saved", graceful.signal)
+            break
         actor_learns = it >= warmup
         lr = cfg.lr * (1.0 - (it - warmup) / cfg.iterations) if cfg.anneal_lr and actor_learns else cfg.lr
         for group in optimizer.param_groups:
@@ -249,6 +269,7 @@ def _train_offline(cfg: OfflineConfig, metrics, held: contextlib.ExitStack) -> T
                   f"{'' if actor_learns else ' (critic warm-up)'}: pg_loss {row['pg_loss']:.4f}  v_loss "
                   f"{row['v_loss']:.4f}  entropy {row['entropy']:.3f}  kl {row['approx_kl']:.4f}  ratio to "
                   f"behaviour {row['mean_ratio_to_behaviour']:.3f}", file=sys.stderr, flush=True)
+        learned += actor_learns
 
     # --- 4. save: greedy evaluation on the simulator, then a new version ---------------------------------------
     if not weights_finite(policy):
@@ -257,7 +278,7 @@ def _train_offline(cfg: OfflineConfig, metrics, held: contextlib.ExitStack) -> T
     ev = evaluate(policy, sc, cfg.eval_episodes, cfg.seed, device=dev)
     behaviour_versions = sorted({int(v) for v in data.model_version.unique().tolist()})
     offline = {"shards": len(data.files), "rows": data.rows, "samples": data.samples,
-               "trajectories": data.trajectories, "iterations": cfg.iterations, "behaviour_versions": behaviour_versions,
+               "trajectories": data.trajectories, "iterations": learned, "behaviour_versions": behaviour_versions,
                "start_eval_win_rate": None if start_ev is None else start_ev["win_rate"]}
     version = _save(repo, cfg.name, policy, scenario=sc, step=start_step + data.samples, eval_win_rate=ev["win_rate"],
                         extra={"eval_episodes": cfg.eval_episodes, "eval_seed": cfg.seed,
@@ -278,5 +299,5 @@ def _train_offline(cfg: OfflineConfig, metrics, held: contextlib.ExitStack) -> T
     summary = {"mode": "offline", "scenario": sc.name, "name": cfg.name, "sharing": policy.sharing,
                "critic": policy.critic, **offline, "minutes": round(elapsed / 60, 3),
                "final_eval_win_rate": ev["win_rate"], "eval_mean_return": ev["mean_return"], "version": version,
-               "resumed_from": resumed_from, "csv": str(csv_path)}
+               "resumed_from": resumed_from, "stop_reason": stop_reason, "csv": str(csv_path)}
     return TrainResult(summary, policy, history)
