@@ -15,6 +15,12 @@ RPCS = ("Act", "ActStream", "ActBatch", "GetModelInfo")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.0075, 0.01, 0.025,
                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+# Every value the service gives these labels. Their series exist at 0 from the start: a series born at its first
+# increment loses that increment to rate() and increase(), and so to the alerts (service/monitoring/alerts.yml).
+ANSWER_CODES = ("OK", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
+                "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL")
+SHED_REASONS = ("queue_full", "deadline", "cancelled")
+DROP_REASONS = ("no_game_id", "write_failed")
 
 
 class ServiceMetrics:
@@ -71,6 +77,13 @@ class ServiceMetrics:
             "recorded (the disk that many chunks behind: backpressure instead of dropped steps).", registry=r)
         self.experience_open = Gauge(
             "phalanx_experience_open_trajectories", "Units whose last served step waits for its reward.", registry=r)
+        for rpc in RPCS:
+            for code in ANSWER_CODES:
+                self.requests.labels(rpc, code)
+        for reason in SHED_REASONS:
+            self.shed.labels(reason)
+        for reason in DROP_REASONS:
+            self.experience_dropped.labels(reason)
         # Children bound once: `.labels()` on the hot path costs a dict lookup and a lock per call.
         self._latency = {rpc: self.request_latency.labels(rpc) for rpc in RPCS}
         self._ok = {rpc: self.requests.labels(rpc, grpc.StatusCode.OK.name) for rpc in RPCS}

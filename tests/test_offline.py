@@ -162,28 +162,50 @@ def test_a_signal_ends_an_offline_run_after_its_iteration_with_a_saved_version(t
     assert (again.summary["stop_reason"], again.summary["version"]) == ("iterations", 2)
 
 
-def test_a_signal_during_the_critic_warm_up_saves_nothing_and_exits_with_the_signal(tmp_path, capsys, monkeypatch):
-    """Before the actor's first update there is nothing worth a version: the run ends after the iteration, saves
-    nothing, and the command exits 128 + the signal with a message saying so."""
+def _signal_at_loss_call(monkeypatch, at: int, signum: int):
+    """Send this process `signum` during the `at`-th PPO minibatch update (1-based) of an offline run."""
     import trainer.offline
 
-    sc = load_scenario("3m")
-    synthetic_shards(tmp_path / "shards", sc, rows=64)
     real_loss, calls = trainer.offline.ppo_loss, []
 
-    def loss_then_ctrl_c(*args, **kwargs):  # Ctrl-C during the first warm-up iteration's first update
+    def loss_then_signal(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGINT)
+        if len(calls) == at:
+            os.kill(os.getpid(), signum)
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(trainer.offline, "ppo_loss", loss_then_ctrl_c)
+    monkeypatch.setattr(trainer.offline, "ppo_loss", loss_then_signal)
+    return calls
+
+
+def test_a_signal_during_the_critic_warm_up_stops_at_once_saves_nothing_and_exits_with_it(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """Before the actor's first update there is nothing worth a version: the run stops at its next minibatch (the
+    rest of the warm-up would be thrown away), saves nothing, and the command exits 128 + the signal, saying so."""
+    synthetic_shards(tmp_path / "shards", load_scenario("3m"), rows=64)
+    calls = _signal_at_loss_call(monkeypatch, at=1, signum=signal.SIGINT)
     code = main(["train", "--from-shards", str(tmp_path / "shards"), "--models", str(tmp_path / "models"), "--name",
                  "off", "--scenario", "3m", "--hidden", "16", "--critic-warmup", "3", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 128 + signal.SIGINT, err
-    assert "SIGINT before the actor's first update (1 of 3 critic warm-up iterations done): nothing was saved" in err
+    assert "SIGINT: stopping after this iteration with a last evaluation and version (none before the actor's" in err
+    assert "SIGINT before the actor's first update (0 of 3 critic warm-up iterations done): no version was saved" in err
+    assert len(calls) == 1  # not the 3 x 10 x 2 updates of the warm-up
     assert ModelRepository(tmp_path / "models").latest("off") is None
+
+
+def test_a_signal_once_the_actor_learns_saves_a_version_prints_the_summary_and_exits_with_it(tmp_path, capsys,
+                                                                                             monkeypatch):
+    synthetic_shards(tmp_path / "shards", load_scenario("3m"), rows=64)
+    _signal_at_loss_call(monkeypatch, at=1, signum=signal.SIGTERM)  # the first actor update (no warm-up)
+    code = main(["train", "--from-shards", str(tmp_path / "shards"), "--models", str(tmp_path / "models"), "--name",
+                 "off", "--scenario", "3m", "--hidden", "16", "--critic-warmup", "0", "--iterations", "5",
+                 "--eval-episodes", "4", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 128 + signal.SIGTERM, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert (summary["stop_reason"], summary["iterations"], summary["version"]) == ("SIGTERM", 1, 1)
+    assert ModelRepository(tmp_path / "models").load("off").card["offline"]["iterations"] == 1
 
 
 def test_offline_command_refuses_what_does_not_apply(tmp_path, capsys):

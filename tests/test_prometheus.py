@@ -116,18 +116,19 @@ def test_prometheus_reads_the_service_and_the_trainer(service_repo, monitoring, 
                 # held open until Prometheus has scraped what these requests left
                 await asyncio.to_thread(_wait, "Prometheus to scrape all 21 Acts", lambda: query(
                     'sum(phalanx_requests_total{job="phalanx-serve", rpc="Act"}) >= 21'))
-                answered = query('phalanx_requests_total{job="phalanx-serve", rpc="Act", code="OK"}')
-                return answered, query('up{job="phalanx-serve"}')  # 1: the last scrape parsed without an error
+                # read while the service still runs: once it stops, Prometheus marks its series stale
+                return {what: list(query(expr).values()) for what, expr in (
+                    ("answered", 'phalanx_requests_total{job="phalanx-serve", rpc="Act", code="OK"}'),
+                    ("invalid", 'phalanx_requests_total{rpc="Act", code="INVALID_ARGUMENT"}'),
+                    ("up", 'up{job="phalanx-serve"}'),  # 1: the last scrape parsed without an error
+                    ("version", 'phalanx_model_version{job="phalanx-serve"}'),
+                    ("latency", 'phalanx_request_latency_seconds_count{job="phalanx-serve", rpc="Act"}'))}
         finally:
             await running.stop(grace=1)
 
-    answered, up = asyncio.run(serve_some_requests())
-    assert list(answered.values()) == [20.0] and list(up.values()) == [1.0]
-    invalid = query('phalanx_requests_total{rpc="Act", code="INVALID_ARGUMENT"}')
-    assert list(invalid.values()) == [1.0]
-    assert list(query('phalanx_model_version{job="phalanx-serve"}').values()) == [1.0]
-    latency = query('phalanx_request_latency_seconds_count{job="phalanx-serve", rpc="Act"}')
-    assert sum(latency.values()) == 21.0  # a histogram Prometheus took as one: every answered call observed once
+    got = asyncio.run(serve_some_requests())
+    assert got["answered"] == [20.0] and got["invalid"] == [1.0] and got["up"] == [1.0] and got["version"] == [1.0]
+    assert sum(got["latency"]) == 21.0  # a histogram Prometheus took as one: every answered call observed once
 
     # a training run as a batch job: its metrics pushed at each evaluation, scraped from the gateway
     metrics = TrainMetrics(scenario="3m", model="pushed", registry=CollectorRegistry(), pushgateway=gateway)

@@ -992,9 +992,10 @@ def test_metrics_are_served_on_the_metrics_port(service_repo):
     assert get("phalanx_model_version") == 1
     assert get("phalanx_model_reloads_total") == 0 and get("phalanx_model_reload_failures_total") == 0
     assert get("phalanx_queue_depth_units") == 0
-    assert get("phalanx_shed_requests_total", reason="queue_full") == 0 if (
-        ("phalanx_shed_requests_total", (("reason", "queue_full"),)) in samples) else True
-    assert not any("unit_id" in str(k) or "game" in str(k) for k in samples)
+    assert get("phalanx_shed_requests_total", reason="queue_full") == 0  # there from the start, for rate()
+    assert get("phalanx_requests_total", rpc="ActStream", code="UNAVAILABLE") == 0
+    label_names = {label for _name, labels in samples for label, _value in labels}
+    assert label_names <= {"rpc", "code", "reason", "le"}, label_names  # never a unit, game or episode
 
 
 # --- rough edges of the commands: each refused or explained in one line -----------------------------------------

@@ -127,7 +127,8 @@ def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
     """Learn from logged shards as configured; returns the summary (the CLI's final JSON line), policy, history.
     A first SIGINT or SIGTERM ends the run after its iteration: evaluated and saved as at the end (summary
     "stop_reason" names the signal) once the actor has learned, StoppedBeforeLearning during the critic warm-up."""
-    with GracefulStop() as graceful, contextlib.ExitStack() as held:  # held: the claim on the name
+    plan = "stopping after this iteration with a last evaluation and version (none before the actor's first update)"
+    with GracefulStop(plan=plan) as graceful, contextlib.ExitStack() as held:  # held: the claim on the name
         return _train_offline(cfg, metrics, graceful, held)
 
 
@@ -202,13 +203,17 @@ def _train_offline(cfg: OfflineConfig, metrics, graceful: GracefulStop, held: co
     warmup = cfg.critic_warmup if fresh_critic else 0
     actor_params = [p for name, p in policy.named_parameters() if name.startswith("actor_")]
     stop_reason, learned = "iterations", 0
+
+    def stop_before_learning(it: int) -> None:
+        if graceful.signal is not None and learned == 0:  # the actor is the untrained one: no version worth saving
+            done = f" ({it} of {warmup} critic warm-up iterations done)" if warmup else ""
+            raise StoppedBeforeLearning(f"{signal.Signals(graceful.signal).name} before the actor's first update"
+                                        f"{done}: no version was saved", graceful.signal)
+
     for it in range(warmup + cfg.iterations):
+        stop_before_learning(it)
         if graceful.signal is not None:
             stop_reason = signal.Signals(graceful.signal).name
-            if learned == 0:
-                done = f" ({it} of {warmup} critic warm-up iterations done)" if warmup else ""
-                raise StoppedBeforeLearning(f"{stop_reason} before the actor's first update{done}: nothing was "
-                                            f"saved", graceful.signal)
             break
         actor_learns = it >= warmup
         lr = cfg.lr * (1.0 - (it - warmup) / cfg.iterations) if cfg.anneal_lr and actor_learns else cfg.lr
@@ -239,6 +244,8 @@ def _train_offline(cfg: OfflineConfig, metrics, graceful: GracefulStop, held: co
             perm = torch.randperm(n, device=dev, generator=gen)
             for m in range(M):
                 idx = perm[m * n // M:(m + 1) * n // M]
+                if not actor_learns:
+                    stop_before_learning(it)  # a warm-up iteration's work would be thrown away: stop at once
                 loss, stats = ppo_loss(policy, {k: v[idx] for k, v in rows.items()}, clip_coef=cfg.clip_coef,
                                        vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef if actor_learns else 0.0,
                                        clip_vloss=True)

@@ -275,9 +275,10 @@ class GracefulStop:
     process of a job and torchrun passes its own signal on to its ranks as well. Installed only in the main
     thread (signals reach no other), and undone on exit. Under torchrun a signal to any rank stops them all."""
 
-    def __init__(self, repeat_after: float = 1.0):
+    def __init__(self, repeat_after: float = 1.0,
+                 plan: str = "stopping after this iteration with a last evaluation and version"):
         self.signal: int | None = None
-        self.repeat_after = repeat_after
+        self.repeat_after, self.plan = repeat_after, plan
         self._first = 0.0
         self._previous: dict[int, object] = {}
 
@@ -293,8 +294,7 @@ class GracefulStop:
                 raise KeyboardInterrupt
             return
         self.signal, self._first = signum, time.monotonic()
-        print(f"\n{signal.Signals(signum).name}: stopping after this iteration with a last evaluation and version "
-              f"(again to quit at once)", file=sys.stderr, flush=True)
+        print(f"\n{signal.Signals(signum).name}: {self.plan} (again to quit at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
