@@ -222,3 +222,85 @@ def test_a_lock_file_another_user_left_read_only_still_works(repo):
         first.close()
     finally:
         os.open = real_open
+
+
+# --- `phalanx models`: list and prune ----------------------------------------------------------------------------
+
+def _versions(repo, sc, name, rates):
+    policy = make(sc)
+    return [repo.save(name, policy, scenario=sc, step=100 * (i + 1), eval_win_rate=r) for i, r in enumerate(rates)]
+
+
+def test_models_lists_every_model_and_one_models_versions(repo, sc, capsys):
+    from service.cli import main
+
+    _versions(repo, sc, "a", [0.2, 0.9, 0.5])
+    _versions(repo, sc, "b", [None])
+    (repo.root / "a" / "2" / "card.json").write_text("{not json")  # the best one, unreadable now
+    assert main(["models", "--models", str(repo.root), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["name"], r["versions"], r["latest"], r["best"], r["unreadable"]) for r in rows] == [
+        ("a", 3, 3, 3, 1), ("b", 1, 1, None, 0)]
+    assert rows[0]["scenario"] == "3m" and rows[0]["best_eval_win_rate"] == 0.5
+    assert main(["models", "--models", str(repo.root), "--name", "a"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["version", "step", "eval_win_rate", "created", "from"]
+    assert table[1].split()[:3] == ["1", "100", "0.200"] and "unreadable:" in table[2]
+    assert main(["models", "--models", str(repo.root), "--name", "b", "--json"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (row["version"], row["eval_win_rate"], row["origin"]) == (1, None, "simulation")
+
+
+def test_prune_keeps_the_newest_the_best_and_the_named_versions(repo, sc, capsys):
+    from service.cli import main
+
+    _versions(repo, sc, "a", [0.3, 0.95, 0.4, 0.5, 0.6, 0.7, 0.6])
+    base = ["models", "--models", str(repo.root), "--name", "a", "--prune", "--keep", "2"]
+    assert main(base + ["--keep-version", "4", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["removed"] == [1, 3, 5] and repo.versions("a") == [1, 2, 3, 4, 5, 6, 7]
+    assert main(base + ["--keep-version", "4"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"name": "a", "removed": [1, 3, 5], "kept": [2, 4, 6, 7], "best": 2,
+                                                   "dry_run": False}
+    assert repo.versions("a") == [2, 4, 6, 7] and sorted(p.name for p in (repo.root / "a").iterdir()) == [
+        ".last-version", "2", "4", "6", "7"]
+    assert repo.load("a", 2).card["eval_win_rate"] == 0.95
+
+
+def test_a_removed_version_vanishes_whole_and_its_number_is_never_reused(repo, sc, monkeypatch):
+    """A service polls the name while versions go: by the time any file of a version is deleted, the version is no
+    longer listed (it was renamed away first). The number is not issued again, even in a repository that predates
+    the last-issued record."""
+    import trainer.repository
+
+    _versions(repo, sc, "a", [0.1, 0.2, 0.3])
+    (repo.root / "a" / ".last-version").unlink()
+    listed_while_deleting = []
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        listed_while_deleting.append(repo.versions("a"))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.repository.shutil, "rmtree", rmtree)
+    repo.remove("a", 3)
+    assert listed_while_deleting == [[1, 2]] and repo.versions("a") == [1, 2]
+    assert _versions(repo, sc, "a", [0.4]) == [4]
+
+
+def test_models_refuses_what_does_not_fit(repo, sc, capsys, tmp_path):
+    from service.cli import main
+
+    _versions(repo, sc, "a", [0.1, 0.2])
+    root = str(repo.root)
+    for args, message in (
+            (["--models", str(tmp_path / "nowhere")], "no such directory"),
+            (["--models", root, "--name", "zz"], "no model 'zz' with complete versions under"),
+            (["--models", root, "--name", "a", "--keep", "1"], "--keep, --keep-version and --dry-run go with --prune"),
+            (["--models", root, "--name", "a", "--prune"], "--prune needs --name (the model to prune) and --keep N"),
+            (["--models", root, "--prune", "--keep", "1"], "--prune needs --name"),
+            (["--models", root, "--name", "a", "--prune", "--keep", "0"], "keep must be >= 1, got 0"),
+            (["--models", root, "--name", "a", "--prune", "--keep", "1", "--keep-version", "9"],
+             "model 'a' has no version 9 to keep")):
+        assert main(["models", *args]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert repo.versions("a") == [1, 2]  # nothing removed by any of them

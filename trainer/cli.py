@@ -36,6 +36,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a TOML file of extra units and scenarios (repeatable)")
     p.set_defaults(func=cmd_replay)
 
+    p = sub.add_parser("models", help="list a model repository's models and versions; prune old versions",
+                       description="Without --name: every model under --models, one line each (versions, the newest, "
+                                   "the best by evaluation win rate, scenario, sharing). With --name: that model's "
+                                   "versions (step, evaluation win rate, created, where it came from). With --prune: "
+                                   "remove all but the newest --keep versions, the best one and any --keep-version; "
+                                   "each is renamed away before it is deleted, so a service polling the name never "
+                                   "sees half a version.")
+    p.add_argument("--models", required=True, help="model repository root")
+    p.add_argument("--name", help="one model's versions (default: every model, one line each)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    p.add_argument("--prune", action="store_true", help="remove old versions of --name (see --keep)")
+    p.add_argument("--keep", type=int, metavar="N", help="with --prune: the newest N versions stay (N >= 1)")
+    p.add_argument("--keep-version", type=int, action="append", default=[], metavar="V",
+                   help="with --prune: this version stays too (repeatable), e.g. one a service is pinned to")
+    p.add_argument("--dry-run", action="store_true", help="with --prune: say what would be removed, remove nothing")
+    p.set_defaults(func=cmd_models)
+
     from trainer import commands
 
     commands.register(sub)
@@ -81,4 +98,111 @@ def cmd_replay(args) -> int:
         return 2
     print(json.dumps({"scenario": args.scenario, "policy": args.policy, "seed": args.seed, **result,
                       "frames": len(frames), "out": written}))
+    return 0
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    table = [header] + rows
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _version_row(repo, name: str, version: int) -> dict:
+    """What `phalanx models --name` shows of one version; an unreadable card says why instead."""
+    from trainer.repository import ModelLoadError
+
+    try:
+        card = repo.load_card(name, version)[0]
+    except ModelLoadError as e:
+        return {"version": version, "error": str(e)}
+    origin = "offline" if "offline" in card else "simulation"
+    if card.get("resumed_from") is not None:
+        origin += f", resumed from {card['resumed_from']}"
+    return {"version": version, "step": card["step"], "eval_win_rate": card["eval_win_rate"], "created": card["created"],
+            "scenario": card["scenario"], "sharing": card["sharing"], "critic": card["critic"],
+            "spec_hash": card["spec"]["hash"], "origin": origin}
+
+
+def _rate(rate) -> str:
+    return "-" if rate is None else f"{rate:.3f}"
+
+
+def cmd_models(args) -> int:
+    from pathlib import Path
+
+    from trainer.repository import ModelRepository
+
+    def fail(message: str) -> int:
+        print(f"phalanx models: {message}", file=sys.stderr)
+        return 2
+
+    if not Path(args.models).is_dir():
+        return fail(f"--models {args.models}: no such directory")
+    if (args.keep is not None or args.keep_version or args.dry_run) and not args.prune:
+        return fail("--keep, --keep-version and --dry-run go with --prune")
+    if args.prune and (args.name is None or args.keep is None):
+        return fail("--prune needs --name (the model to prune) and --keep N (how many of the newest versions stay)")
+    repo = ModelRepository(args.models)
+    held = repo.models()
+    if args.name is not None and args.name not in held:
+        return fail(f"no model {args.name!r} with complete versions under {args.models} (models there: "
+                    f"{', '.join(held) or 'none'})")
+    if args.prune:
+        return _prune(repo, args, fail)
+    if args.name is not None:
+        rows = [_version_row(repo, args.name, v) for v in held[args.name]]
+        if args.json:
+            for row in rows:
+                print(json.dumps(row))
+            return 0
+        _print_table(("version", "step", "eval_win_rate", "created", "from"), [
+            (str(r["version"]), "-", "-", "-", f"unreadable: {r['error']}") if "error" in r else
+            (str(r["version"]), f"{r['step']:,}", _rate(r["eval_win_rate"]), r["created"], r["origin"]) for r in rows])
+        return 0
+    summaries = []
+    for name, versions in held.items():
+        rows = [_version_row(repo, name, v) for v in versions]
+        readable = [r for r in rows if "error" not in r]
+        rated = [r for r in readable if r["eval_win_rate"] is not None]
+        best = max(rated, key=lambda r: (r["eval_win_rate"], r["version"])) if rated else None
+        newest = readable[-1] if readable else {}
+        summaries.append({"name": name, "versions": len(versions), "latest": versions[-1],
+                          "best": None if best is None else best["version"],
+                          "best_eval_win_rate": None if best is None else best["eval_win_rate"],
+                          "scenario": newest.get("scenario"), "sharing": newest.get("sharing"),
+                          "critic": newest.get("critic"), "unreadable": len(rows) - len(readable)})
+    if args.json:
+        for summary in summaries:
+            print(json.dumps(summary))
+        return 0
+    if not summaries:
+        print(f"no model versions under {args.models}", file=sys.stderr)
+        return 0
+    _print_table(("name", "versions", "latest", "best (win rate)", "scenario", "sharing", "critic"), [
+        (s["name"], str(s["versions"]) + (f" ({s['unreadable']} unreadable)" if s["unreadable"] else ""),
+         str(s["latest"]), "-" if s["best"] is None else f"{s['best']} ({_rate(s['best_eval_win_rate'])})",
+         s["scenario"] or "-", s["sharing"] or "-", s["critic"] or "-") for s in summaries])
+    return 0
+
+
+def _prune(repo, args, fail) -> int:
+    try:
+        kept, doomed, best = repo.prune_plan(args.name, args.keep, tuple(args.keep_version))
+    except ValueError as e:
+        return fail(str(e))
+    removed = []
+    for version in doomed:
+        if not args.dry_run:
+            try:
+                repo.remove(args.name, version)
+            except OSError as e:
+                print(f"phalanx models: version {version}: {e}; stopping (removed so far: {removed or 'none'})",
+                      file=sys.stderr)
+                print(json.dumps({"name": args.name, "removed": removed, "kept": kept, "best": best,
+                                  "dry_run": False}))
+                return 1
+        removed.append(version)
+        print(f"{'would remove' if args.dry_run else 'removed'} version {version}", file=sys.stderr)
+    print(json.dumps({"name": args.name, "removed": removed, "kept": kept, "best": best, "dry_run": args.dry_run}))
     return 0

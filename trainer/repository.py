@@ -202,6 +202,40 @@ class ModelRepository:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    def remove(self, name: str, version: int) -> None:
+        """Delete one version. It is first renamed out of the version numbers (to a `.tmp-` name that readers
+        ignore), so a service polling the name sees it whole or not at all, never half deleted. Its number is
+        not handed out again (LAST_ISSUED_FILE)."""
+        base = self.root / check_name(name)
+        self._record_issued(base, version)  # a repository older than the record learns it before the number goes
+        doomed = base / f"{TMP_PREFIX}removed-{version}-{uuid.uuid4().hex[:8]}"
+        os.rename(base / str(version), doomed)
+        fsync_dir(base)
+        shutil.rmtree(doomed)
+
+    def prune_plan(self, name: str, keep: int, also_keep: tuple[int, ...] = ()) -> tuple[list[int], list[int], int | None]:
+        """Which versions of `name` a prune keeps and which it removes: it keeps the newest `keep` (>= 1, so the
+        version a service following the name serves stays), the best by evaluation win rate (ties: the newest;
+        a service with --min-eval-win-rate may be serving it), and `also_keep`. Returns (kept, removed, best)."""
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        versions = self.versions(name)
+        missing = sorted(set(also_keep) - set(versions))
+        if missing:
+            raise ValueError(f"model {name!r} has no version {', '.join(map(str, missing))} to keep under {self.root} "
+                             f"(complete versions: {versions or 'none'})")
+        rated = []
+        for v in versions:
+            try:
+                rate = self.load_card(name, v)[0]["eval_win_rate"]
+            except ModelLoadError:  # an unreadable card is no candidate for best; age alone decides its fate
+                continue
+            if rate is not None:
+                rated.append((rate, v))
+        best = max(rated)[1] if rated else None
+        kept_set = set(versions[-keep:]) | set(also_keep) | ({best} if best is not None else set())
+        return sorted(kept_set), [v for v in versions if v not in kept_set], best
+
     @staticmethod
     def _last_issued(base: Path) -> int:
         try:
