@@ -295,7 +295,11 @@ def test_models_refuses_what_does_not_fit(repo, sc, capsys, tmp_path):
     for args, message in (
             (["--models", str(tmp_path / "nowhere")], "no such directory"),
             (["--models", root, "--name", "zz"], "no model 'zz' with complete versions under"),
-            (["--models", root, "--name", "a", "--keep", "1"], "--keep, --keep-version and --dry-run go with --prune"),
+            (["--models", root, "--name", "a", "--keep", "1"], "--keep and --keep-version go with --prune"),
+            (["--models", root, "--name", "a", "--dry-run"], "--dry-run goes with --prune or --remove"),
+            (["--models", root, "--name", "a", "--remove", "3"], "model 'a' has no version 3 to remove"),
+            (["--models", root, "--remove", "1"], "--remove needs --name"),
+            (["--models", root, "--name", "a", "--remove", "1", "--prune", "--keep", "1"], "use one at a time"),
             (["--models", root, "--name", "a", "--prune"], "--prune needs --name (the model to prune) and --keep N"),
             (["--models", root, "--prune", "--keep", "1"], "--prune needs --name"),
             (["--models", root, "--name", "a", "--prune", "--keep", "0"], "keep must be >= 1, got 0"),
@@ -304,3 +308,16 @@ def test_models_refuses_what_does_not_fit(repo, sc, capsys, tmp_path):
         assert main(["models", *args]) == 2, args
         assert message in capsys.readouterr().err, args
     assert repo.versions("a") == [1, 2]  # nothing removed by any of them
+
+
+def test_remove_rolls_a_model_back_to_the_newest_version_left(repo, sc, capsys):
+    from service.cli import main
+
+    _versions(repo, sc, "a", [0.5, 0.6, 0.1])
+    base = ["models", "--models", str(repo.root), "--name", "a", "--remove", "3"]
+    assert main(base + ["--dry-run"]) == 0 and repo.versions("a") == [1, 2, 3]
+    capsys.readouterr()
+    assert main(base) == 0
+    assert json.loads(capsys.readouterr().out) == {"name": "a", "removed": [3], "kept": [1, 2], "best": None,
+                                                   "dry_run": False}
+    assert repo.latest("a") == 2

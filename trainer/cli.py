@@ -50,7 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", type=int, metavar="N", help="with --prune: the newest N versions stay (N >= 1)")
     p.add_argument("--keep-version", type=int, action="append", default=[], metavar="V",
                    help="with --prune: this version stays too (repeatable), e.g. one a service is pinned to")
-    p.add_argument("--dry-run", action="store_true", help="with --prune: say what would be removed, remove nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --prune or --remove: say what would be removed, remove nothing")
+    p.add_argument("--remove", type=int, action="append", default=[], metavar="V",
+                   help="remove version V of --name (repeatable): a rollback, since a service following the name "
+                        "then serves the newest version left")
     p.set_defaults(func=cmd_models)
 
     from trainer import commands
@@ -139,16 +143,22 @@ def cmd_models(args) -> int:
 
     if not Path(args.models).is_dir():
         return fail(f"--models {args.models}: no such directory")
-    if (args.keep is not None or args.keep_version or args.dry_run) and not args.prune:
-        return fail("--keep, --keep-version and --dry-run go with --prune")
+    if args.prune and args.remove:
+        return fail("--prune and --remove are two ways to remove versions: use one at a time")
+    if (args.keep is not None or args.keep_version) and not args.prune:
+        return fail("--keep and --keep-version go with --prune")
+    if args.dry_run and not (args.prune or args.remove):
+        return fail("--dry-run goes with --prune or --remove")
     if args.prune and (args.name is None or args.keep is None):
         return fail("--prune needs --name (the model to prune) and --keep N (how many of the newest versions stay)")
+    if args.remove and args.name is None:
+        return fail("--remove needs --name (the model whose versions go)")
     repo = ModelRepository(args.models)
     held = repo.models()
     if args.name is not None and args.name not in held:
         return fail(f"no model {args.name!r} with complete versions under {args.models} (models there: "
                     f"{', '.join(held) or 'none'})")
-    if args.prune:
+    if args.prune or args.remove:
         return _prune(repo, args, fail)
     if args.name is not None:
         rows = [_version_row(repo, args.name, v) for v in held[args.name]]
@@ -187,10 +197,20 @@ def cmd_models(args) -> int:
 
 
 def _prune(repo, args, fail) -> int:
-    try:
-        kept, doomed, best = repo.prune_plan(args.name, args.keep, tuple(args.keep_version))
-    except ValueError as e:
-        return fail(str(e))
+    """--prune (by the plan) or --remove (the versions named): each removed in turn, a line on stderr each."""
+    if args.remove:
+        versions = repo.versions(args.name)
+        missing = sorted(set(args.remove) - set(versions))
+        if missing:
+            return fail(f"model {args.name!r} has no version {', '.join(map(str, missing))} to remove under "
+                        f"{args.models} (complete versions: {versions})")
+        doomed = sorted(set(args.remove))
+        kept, best = [v for v in versions if v not in doomed], None
+    else:
+        try:
+            kept, doomed, best = repo.prune_plan(args.name, args.keep, tuple(args.keep_version))
+        except ValueError as e:
+            return fail(str(e))
     removed = []
     for version in doomed:
         if not args.dry_run:
