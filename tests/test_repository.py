@@ -318,6 +318,57 @@ def test_remove_rolls_a_model_back_to_the_newest_version_left(repo, sc, capsys):
     assert main(base + ["--dry-run"]) == 0 and repo.versions("a") == [1, 2, 3]
     capsys.readouterr()
     assert main(base) == 0
-    assert json.loads(capsys.readouterr().out) == {"name": "a", "removed": [3], "kept": [1, 2], "best": None,
-                                                   "dry_run": False}
+    assert json.loads(capsys.readouterr().out) == {"name": "a", "removed": [3], "kept": [1, 2], "dry_run": False}
     assert repo.latest("a") == 2
+    assert main(base[:-1] + ["1", "--remove", "2"]) == 2  # not the last one: a restarted service would serve nothing
+    assert "would remove every version of 'a'" in capsys.readouterr().err and repo.versions("a") == [1, 2]
+
+
+def test_prune_keeps_what_resumed_runs_came_from_and_breaks_ties_toward_the_newest(repo, sc, capsys):
+    from service.cli import main
+
+    policy = make(sc)
+    for rate in (0.4, 0.8, 0.8):  # a first run: 2 and 3 tie for best
+        repo.save("a", policy, scenario=sc, step=1, eval_win_rate=rate)
+    for _ in range(3):  # a run resumed from version 2: its settings and its log's start are read there
+        repo.save("a", policy, scenario=sc, step=2, eval_win_rate=None, extra={"resumed_from": 2})
+    assert repo.prune_plan("a", keep=1) == ([2, 3, 6], [1, 4, 5], 3)
+    assert main(["models", "--models", str(repo.root), "--name", "a", "--prune", "--keep", "1"]) == 0
+    assert repo.versions("a") == [2, 3, 6]
+    _versions(repo, sc, "unrated", [None, None, None])
+    assert repo.prune_plan("unrated", keep=2) == ([2, 3], [1], None)
+
+
+def test_prune_removes_nothing_while_a_card_cannot_be_read(repo, sc, monkeypatch, capsys):
+    """An I/O error is no verdict on the version: it might be the best one."""
+    from service.cli import main
+    from trainer.repository import ModelUnreadable
+
+    _versions(repo, sc, "a", [0.2, 0.9, 0.3, 0.4])
+    real = ModelRepository.load_card
+
+    def flaky(self, name, version=None):
+        if version == 2:
+            raise ModelUnreadable(f"{self.root / name / '2' / 'card.json'}: cannot read: Input/output error")
+        return real(self, name, version)
+
+    monkeypatch.setattr(ModelRepository, "load_card", flaky)
+    assert main(["models", "--models", str(repo.root), "--name", "a", "--prune", "--keep", "1"]) == 2
+    assert "Input/output error; nothing was removed" in capsys.readouterr().err
+    assert repo.versions("a") == [1, 2, 3, 4]
+
+
+def test_a_removal_that_cannot_delete_everything_still_removes_the_version_and_is_swept_later(repo, sc, monkeypatch,
+                                                                                             capsys):
+    from service.cli import main
+    import trainer.repository
+
+    _versions(repo, sc, "a", [0.1, 0.2, 0.3])
+    monkeypatch.setattr(trainer.repository.shutil, "rmtree", lambda path, ignore_errors=False: None)  # a stuck disk
+    assert main(["models", "--models", str(repo.root), "--name", "a", "--remove", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["removed"] == [1] and "could not delete all of" in err and repo.versions("a") == [2, 3]
+    (leftover,) = (repo.root / "a").glob(".tmp-removed-1-*")
+    monkeypatch.undo()
+    assert main(["models", "--models", str(repo.root), "--name", "a", "--remove", "2"]) == 0
+    assert not leftover.exists() and repo.versions("a") == [3]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from trainer.sim.scenario import ScenarioError
 
@@ -40,16 +41,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Without --name: every model under --models, one line each (versions, the newest, "
                                    "the best by evaluation win rate, scenario, sharing). With --name: that model's "
                                    "versions (step, evaluation win rate, created, where it came from). With --prune: "
-                                   "remove all but the newest --keep versions, the best one and any --keep-version; "
-                                   "each is renamed away before it is deleted, so a service polling the name never "
-                                   "sees half a version.")
+                                   "remove all but the newest --keep versions, the best one, any --keep-version and "
+                                   "the versions those were resumed from; each is renamed away before it is deleted, "
+                                   "so a service polling the name never sees half a version, and its number is "
+                                   "never handed out again.")
     p.add_argument("--models", required=True, help="model repository root")
     p.add_argument("--name", help="one model's versions (default: every model, one line each)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table (a version "
+                                                       "whose card cannot be read: only version and error); "
+                                                       "--prune and --remove always end with one JSON line")
     p.add_argument("--prune", action="store_true", help="remove old versions of --name (see --keep)")
     p.add_argument("--keep", type=int, metavar="N", help="with --prune: the newest N versions stay (N >= 1)")
     p.add_argument("--keep-version", type=int, action="append", default=[], metavar="V",
-                   help="with --prune: this version stays too (repeatable), e.g. one a service is pinned to")
+                   help="with --prune: this version stays too (repeatable): one a service is pinned to, or serves "
+                        "because newer ones are below its --min-eval-win-rate (responses and the "
+                        "phalanx_model_version metric name it)")
     p.add_argument("--dry-run", action="store_true",
                    help="with --prune or --remove: say what would be removed, remove nothing")
     p.add_argument("--remove", type=int, action="append", default=[], metavar="V",
@@ -133,7 +139,7 @@ def _rate(rate) -> str:
 
 
 def cmd_models(args) -> int:
-    from pathlib import Path
+    import os
 
     from trainer.repository import ModelRepository
 
@@ -143,6 +149,10 @@ def cmd_models(args) -> int:
 
     if not Path(args.models).is_dir():
         return fail(f"--models {args.models}: no such directory")
+    try:
+        os.listdir(args.models)
+    except OSError as e:
+        return fail(f"--models {args.models}: cannot list it: {e.strerror or e}")
     if args.prune and args.remove:
         return fail("--prune and --remove are two ways to remove versions: use one at a time")
     if (args.keep is not None or args.keep_version) and not args.prune:
@@ -197,32 +207,48 @@ def cmd_models(args) -> int:
 
 
 def _prune(repo, args, fail) -> int:
-    """--prune (by the plan) or --remove (the versions named): each removed in turn, a line on stderr each."""
+    """--prune (by the plan) or --remove (the versions named): each removed in turn, a line on stderr each, then
+    one JSON line with what was removed and what is kept."""
+    versions = repo.versions(args.name)
+    extra = {}
     if args.remove:
-        versions = repo.versions(args.name)
         missing = sorted(set(args.remove) - set(versions))
         if missing:
             return fail(f"model {args.name!r} has no version {', '.join(map(str, missing))} to remove under "
                         f"{args.models} (complete versions: {versions})")
         doomed = sorted(set(args.remove))
-        kept, best = [v for v in versions if v not in doomed], None
+        kept = [v for v in versions if v not in doomed]
+        if not kept:
+            return fail(f"that would remove every version of {args.name!r}: a service following it would have "
+                        f"nothing to serve after a restart; keep one (or delete {Path(args.models) / args.name} "
+                        f"by hand)")
     else:
         try:
             kept, doomed, best = repo.prune_plan(args.name, args.keep, tuple(args.keep_version))
         except ValueError as e:
             return fail(str(e))
+        extra["best"] = best
+    if not args.dry_run:
+        for path in repo.sweep_removed(args.name):
+            print(f"phalanx models: could not delete {path}, left by an earlier removal", file=sys.stderr)
     removed = []
     for version in doomed:
-        if not args.dry_run:
+        if args.dry_run:
+            print(f"would remove version {version}", file=sys.stderr)
+        else:
             try:
-                repo.remove(args.name, version)
+                left = repo.remove(args.name, version)
+            except FileNotFoundError:  # another prune, or a hand, got there first
+                print(f"version {version}: already gone", file=sys.stderr)
+                left = None
             except OSError as e:
-                print(f"phalanx models: version {version}: {e}; stopping (removed so far: {removed or 'none'})",
-                      file=sys.stderr)
-                print(json.dumps({"name": args.name, "removed": removed, "kept": kept, "best": best,
-                                  "dry_run": False}))
+                print(f"phalanx models: version {version}: {e}; stopping, version {version} and the rest are still "
+                      f"there", file=sys.stderr)
+                print(json.dumps({"name": args.name, "removed": removed, "kept": kept + doomed[len(removed):],
+                                  **extra, "dry_run": False}))
                 return 1
+            print(f"removed version {version}" + (f" (could not delete all of {left}; it is no longer a version)"
+                                                    if left else ""), file=sys.stderr)
         removed.append(version)
-        print(f"{'would remove' if args.dry_run else 'removed'} version {version}", file=sys.stderr)
-    print(json.dumps({"name": args.name, "removed": removed, "kept": kept, "best": best, "dry_run": args.dry_run}))
+    print(json.dumps({"name": args.name, "removed": removed, "kept": kept, **extra, "dry_run": args.dry_run}))
     return 0

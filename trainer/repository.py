@@ -39,6 +39,7 @@ CARD_FILE = "card.json"
 LAST_ISSUED_FILE = ".last-version"
 WRITER_LOCK_FILE = ".writer.lock"
 TMP_PREFIX = ".tmp-"
+REMOVED_PREFIX = f"{TMP_PREFIX}removed-"  # a removed version on its way out: renamed here, then deleted
 _VERSION_RE = re.compile(r"^[1-9][0-9]*$")
 REQUIRED_CARD_KEYS = ("format", "name", "version", "architecture", "spec", "sharing", "critic", "scenario", "step",
                       "eval_win_rate", "created")
@@ -202,21 +203,37 @@ class ModelRepository:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def remove(self, name: str, version: int) -> None:
-        """Delete one version. It is first renamed out of the version numbers (to a `.tmp-` name that readers
-        ignore), so a service polling the name sees it whole or not at all, never half deleted. Its number is
-        not handed out again (LAST_ISSUED_FILE)."""
+    def remove(self, name: str, version: int) -> Path | None:
+        """Delete one version. It is first renamed out of the version numbers (to a `.tmp-removed-*` name that
+        readers ignore), so a service polling the name sees it whole or not at all, never half deleted; from then
+        on it is gone. Returns what could not be deleted after that (None when nothing was left behind).
+        Raises FileNotFoundError when the version is not there, OSError when the rename fails (nothing changed)."""
         base = self.root / check_name(name)
-        self._record_issued(base, version)  # a repository older than the record learns it before the number goes
-        doomed = base / f"{TMP_PREFIX}removed-{version}-{uuid.uuid4().hex[:8]}"
+        if not self._record_issued(base, version):  # a repository older than the record learns it first
+            raise OSError(f"cannot record version {version} as issued in {base / LAST_ISSUED_FILE}: its number "
+                          f"could be handed out again, so it was not removed")
+        doomed = base / f"{REMOVED_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
         os.rename(base / str(version), doomed)
         fsync_dir(base)
-        shutil.rmtree(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return doomed if doomed.exists() else None
+
+    def sweep_removed(self, name: str) -> list[Path]:
+        """Delete what earlier removals left behind (`.tmp-removed-*`); returns what still could not be deleted."""
+        base = self.root / check_name(name)
+        left = []
+        for path in base.glob(f"{REMOVED_PREFIX}*"):
+            shutil.rmtree(path, ignore_errors=True)
+            if path.exists():
+                left.append(path)
+        return left
 
     def prune_plan(self, name: str, keep: int, also_keep: tuple[int, ...] = ()) -> tuple[list[int], list[int], int | None]:
-        """Which versions of `name` a prune keeps and which it removes: it keeps the newest `keep` (>= 1, so the
-        version a service following the name serves stays), the best by evaluation win rate (ties: the newest;
-        a service with --min-eval-win-rate may be serving it), and `also_keep`. Returns (kept, removed, best)."""
+        """Which versions of `name` a prune keeps and which it removes. It keeps the newest `keep` (>= 1: the
+        version a service following the name serves, unless it has a --min-eval-win-rate bar), the best by
+        evaluation win rate (ties: the newest), `also_keep`, and every version a kept one was resumed from (a
+        resumed run reads its settings and its log's start there). Returns (kept, removed, best).
+        Raises ValueError when it cannot decide safely (a card it cannot read for an I/O error)."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         versions = self.versions(name)
@@ -224,17 +241,21 @@ class ModelRepository:
         if missing:
             raise ValueError(f"model {name!r} has no version {', '.join(map(str, missing))} to keep under {self.root} "
                              f"(complete versions: {versions or 'none'})")
-        rated = []
+        cards = {}
         for v in versions:
             try:
-                rate = self.load_card(name, v)[0]["eval_win_rate"]
-            except ModelLoadError:  # an unreadable card is no candidate for best; age alone decides its fate
+                cards[v] = self.load_card(name, v)[0]
+            except ModelUnreadable as e:  # it may well be the best: no verdict, no prune
+                raise ValueError(f"{e}; nothing was removed (try again when the file can be read)") from None
+            except ModelLoadError:  # corrupt for good: never servable, so age alone decides its fate
                 continue
-            if rate is not None:
-                rated.append((rate, v))
+        rated = [(card["eval_win_rate"], v) for v, card in cards.items() if card["eval_win_rate"] is not None]
         best = max(rated)[1] if rated else None
-        kept_set = set(versions[-keep:]) | set(also_keep) | ({best} if best is not None else set())
-        return sorted(kept_set), [v for v in versions if v not in kept_set], best
+        kept = set(versions[-keep:]) | set(also_keep) | ({best} if best is not None else set())
+        for v in list(kept):
+            if v in cards:
+                kept |= {card["version"] for card in self.lineage(name, cards[v])}
+        return sorted(kept), [v for v in versions if v not in kept], best
 
     @staticmethod
     def _last_issued(base: Path) -> int:
@@ -244,15 +265,18 @@ class ModelRepository:
             return 0
 
     @staticmethod
-    def _record_issued(base: Path, version: int) -> None:
+    def _record_issued(base: Path, version: int) -> bool:
+        """Raise the record to `version`; False when it could not be written."""
         if version <= ModelRepository._last_issued(base):
-            return
+            return True
         tmp = base / f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}{LAST_ISSUED_FILE}"
         try:
             write_synced(tmp, f"{version}\n".encode())
             os.replace(tmp, base / LAST_ISSUED_FILE)
-        except OSError:  # the version itself is published; only the guard against reuse is missing
+            return True
+        except OSError:  # when saving: the version itself is published; only the guard against reuse is missing
             tmp.unlink(missing_ok=True)
+            return False
 
     # --- reading --------------------------------------------------------------------------------------
     def load(self, name: str, version: int | None = None, device: str | torch.device = "cpu") -> LoadedModel:
