@@ -198,6 +198,26 @@ def test_one_run_at_a_time_claims_a_name(repo):
     other.close()
 
 
+def test_the_run_that_claims_a_name_clears_what_a_killed_writer_left(repo, sc):
+    """A trainer killed mid-save (SIGKILL, the OOM killer, a power cut) leaves a half-written version in a `.tmp-`
+    directory; nothing else would ever delete it. The next run that claims the name does, and only then: while a
+    run holds the name its temporaries are its own."""
+    _versions(repo, sc, "m", [0.5])
+    base = repo.root / "m"
+    crashed = base / ".tmp-0123abcd-xyz"
+    crashed.mkdir()
+    (crashed / "weights.safetensors").write_bytes(b"\0" * 1000)
+    (base / ".tmp-0123abcd.last-version").write_text("7\n")
+    handle = repo.claim("m")
+    assert sorted(p.name for p in base.iterdir()) == [".last-version", ".writer.lock", "1"]
+    mine = base / ".tmp-feedbeef-abc"  # a save in progress under the claim
+    mine.mkdir()
+    with pytest.raises(OSError):
+        repo.claim("m")
+    assert mine.is_dir() and repo.versions("m") == [1]
+    handle.close()
+
+
 def test_a_lock_file_another_user_left_read_only_still_works(repo):
     """On a shared, group-writable repository the lock file may belong to another user (0644 under their umask):
     a run that cannot write it can still take the lock through a read-only open."""

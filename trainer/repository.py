@@ -151,6 +151,13 @@ class ModelRepository:
             handle.truncate()
             handle.write(f"{os.getpid()}\n")
             handle.flush()
+        # No other run writes this name now, so any temporary left here is a crashed writer's (a half-saved
+        # version, killed mid-write) or an unfinished removal's: delete them, they would only fill the disk.
+        for leftover in base.glob(f"{TMP_PREFIX}*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
         return handle
 
     def save(self, name: str, policy: Policy, *, scenario, step: int, eval_win_rate: float | None,
