@@ -48,11 +48,12 @@ def _service_exposition() -> str:
 
 
 def test_the_rules_name_only_series_and_label_values_the_service_exports_from_the_start():
-    """A metric renamed in service/metrics.py would leave its alert silently matching nothing; a labelled series
-    that appears only at its first increment loses that increment to increase() (a one-off shard write failure
-    would never alert)."""
+    """A metric renamed in service/metrics.py or trainer/train_metrics.py would leave its alert silently matching
+    nothing; a labelled series that appears only at its first increment loses that increment to increase() (a
+    one-off shard write failure would never alert)."""
     rules = (MONITORING / "alerts.yml").read_text()
-    lines = _service_exposition().splitlines()
+    train = generate_latest(TrainMetrics(scenario="3m", model="m").registry).decode()
+    lines = (_service_exposition() + train).splitlines()
     exported = {line.split("{")[0].split(" ")[0] for line in lines if line.startswith("phalanx_")}
     exported |= {line.split()[2] for line in lines if line.startswith("# TYPE ")}  # histograms by their base name
     named = set(re.findall(r"\bphalanx_[a-z_]+", rules))
