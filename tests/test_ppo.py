@@ -291,3 +291,25 @@ def test_graceful_stop_takes_a_repeat_soon_after_as_the_same_stop_and_a_later_on
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_long_evaluation_plays_in_batches_the_same_games_it_would_play_at_once(monkeypatch):
+    """Memory is bounded by EVAL_UNITS_AT_ONCE, not by --episodes; a game's course comes from its own seed, so the
+    batches change nothing for greedy play or a deterministic baseline, and progress is reported between them."""
+    import trainer.ppo
+    from trainer.policy import Policy
+    from trainer.sim import load_scenario
+
+    sc = load_scenario("3m")
+    torch.manual_seed(3)
+    policy = Policy.for_scenario(sc, hidden=16)
+    at_once = {who: evaluate(policy if who == "model" else None, sc, 23, 5, baseline=None if who == "model" else who)
+               for who in ("model", "focus-fire")}
+    monkeypatch.setattr(trainer.ppo, "EVAL_UNITS_AT_ONCE", 5 * (sc.n_agents + sc.n_enemies))  # 5 games a batch
+    seen = []
+    batched = {who: evaluate(policy if who == "model" else None, sc, 23, 5, baseline=None if who == "model" else who,
+                             progress=lambda done, totals: seen.append(done)) for who in ("model", "focus-fire")}
+    assert seen == [5, 10, 15, 20, 23] * 2
+    for who in at_once:
+        assert batched[who] == pytest.approx(at_once[who]), who
+    assert 0 < at_once["model"]["mean_length"] and at_once["focus-fire"]["win_rate"] != at_once["model"]["win_rate"]

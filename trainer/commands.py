@@ -127,7 +127,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenario", help="scenario name (default: the one the model was trained on, from its card; "
                                       "required with --policy)")
     p.add_argument("--scenario-file", action="append", default=[], metavar="FILE", help="extra TOML scenario file")
-    p.add_argument("--episodes", type=int, default=256, help="games (the first episode of each)")
+    p.add_argument("--episodes", type=int, default=256, help="games (the first episode of each; many are played in batches of bounded memory, with progress on stderr)")
     p.add_argument("--seed", type=int, help="game seed: game i uses seed + i (default 0); with --env sc2 the real "
                                             "game's seed, re-applied to every episode (default: none, a new game "
                                             "each episode)")
@@ -505,7 +505,12 @@ def cmd_eval(args) -> int:
         except (RuntimeError, ValueError, KeyError) as e:  # no game or map, a map unlike the scenario, a bad level
             return _fail("eval", f"--env sc2: {e}")
     else:
+        def progress(done: int, totals: dict) -> None:  # between batches of games (long evaluations only)
+            if done < cfg.episodes:
+                print(f"eval: {done:,}/{cfg.episodes:,} games, win rate so far {totals['won'] / done:.3f}",
+                      file=sys.stderr, flush=True)
+
         result = evaluate(policy, sc, cfg.episodes, cfg.seed, greedy=cfg.greedy, baseline=cfg.baseline,
-                          device=cfg.device)
+                          device=cfg.device, progress=progress)
     print(json.dumps({**head, **result}))
     return 0

@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -160,50 +160,74 @@ def policy_actions(policy: Policy, obs: torch.Tensor, mask: torch.Tensor, unit: 
     return torch.where(greedy, logits.argmax(1), sampled), h
 
 
-@torch.no_grad()
-def evaluate(policy: Policy | None, scenario, episodes: int, seed: int, *, greedy: bool = True,
-             baseline: str | None = None, device: str | torch.device = "cpu") -> dict:
-    """Play `episodes` games at once, BattleSim(scenario, episodes, seed=seed) after reset(), and count the
-    first episode of each. Actions: `policy.act` over every agent slot (dead agents' masks force no-op),
-    greedy or sampled (a generator seeded with `seed`), or a scripted `baseline` from trainer.sim.baselines.
-    -> {win_rate, episodes, mean_return, mean_length, mean_allies_left, mean_enemies_left, timeouts}."""
-    from trainer.sim.baselines import BASELINES
+EVAL_UNITS_AT_ONCE = 65_536
+"""Units (both sides) that `evaluate` steps at once: games beyond that are played in further batches, so 100,000
+games of 27m_vs_30m take bounded memory (8m: 4,096 games a batch, near the simulator's best throughput)."""
 
-    sim = BattleSim(scenario, episodes, seed=seed, device=device)
-    out = sim.reset()
-    A = scenario.n_agents
-    unit = torch.arange(A, device=sim.device).repeat(episodes)
-    greedy_t = torch.full((episodes * A,), greedy, dtype=torch.bool, device=sim.device)
-    gen = torch.Generator(device=sim.device).manual_seed(seed)
-    finished = torch.zeros(episodes, dtype=torch.bool, device=sim.device)
+
+def evaluate(policy: Policy | None, scenario, episodes: int, seed: int, *, greedy: bool = True,
+             baseline: str | None = None, device: str | torch.device = "cpu",
+             progress: Callable[[int, dict], None] | None = None) -> dict:
+    """Play `episodes` games, game i with seed `seed + i` (BattleSim), and count the first episode of each.
+    Actions: `policy.act` over every agent slot (dead agents' masks force no-op), greedy or sampled, or a scripted
+    `baseline` from trainer.sim.baselines. Games are played in batches of EVAL_UNITS_AT_ONCE units; a game plays
+    the same in any batch (its randomness comes from its own seed), and the sampling generator of the batch that
+    starts at game k is seeded with `seed + k`. `progress(games_done, totals_so_far)` is called after each batch.
+    -> {win_rate, episodes, mean_return, mean_length, mean_allies_left, mean_enemies_left, timeouts}."""
+    per_batch = max(1, EVAL_UNITS_AT_ONCE // (scenario.n_agents + scenario.n_enemies))
     keys = ("won", "timeout", "episode_return", "episode_length", "allies_left", "enemies_left")
-    result = {k: torch.zeros(episodes, dtype=torch.float32, device=sim.device) for k in keys}
+    totals = dict.fromkeys(keys, 0.0)
     was_training = policy.training if policy is not None else False
     if policy is not None:
         policy.eval()
+    try:
+        for first_game in range(0, episodes, per_batch):
+            n = min(per_batch, episodes - first_game)
+            batch = _play_first_episodes(policy, scenario, n, seed + first_game, greedy, baseline, device)
+            for k in keys:
+                totals[k] += float(batch[k].sum())
+            if progress is not None:
+                progress(first_game + n, totals)
+    finally:
+        if policy is not None and was_training:
+            policy.train()
+    return {"win_rate": totals["won"] / episodes, "episodes": episodes,
+            "mean_return": totals["episode_return"] / episodes, "mean_length": totals["episode_length"] / episodes,
+            "mean_allies_left": totals["allies_left"] / episodes,
+            "mean_enemies_left": totals["enemies_left"] / episodes, "timeouts": int(totals["timeout"])}
+
+
+@torch.no_grad()
+def _play_first_episodes(policy: Policy | None, scenario, n: int, seed: int, greedy: bool, baseline: str | None,
+                         device) -> dict[str, torch.Tensor]:
+    """One batch of `evaluate`: n games at once from `seed`; each game's first-episode statistics, (n,) each."""
+    from trainer.sim.baselines import BASELINES
+
+    sim = BattleSim(scenario, n, seed=seed, device=device)
+    out = sim.reset()
+    A = scenario.n_agents
+    unit = torch.arange(A, device=sim.device).repeat(n)
+    greedy_t = torch.full((n * A,), greedy, dtype=torch.bool, device=sim.device)
+    gen = torch.Generator(device=sim.device).manual_seed(seed)
+    finished = torch.zeros(n, dtype=torch.bool, device=sim.device)
+    keys = ("won", "timeout", "episode_return", "episode_length", "allies_left", "enemies_left")
+    result = {k: torch.zeros(n, dtype=torch.float32, device=sim.device) for k in keys}
     h = None
     while not bool(finished.all()):
-        obs, mask = out.obs.reshape(episodes * A, -1), out.avail.reshape(episodes * A, -1)
+        obs, mask = out.obs.reshape(n * A, -1), out.avail.reshape(n * A, -1)
         if baseline is not None:
             actions = BASELINES[baseline](sim, generator=gen)
         else:
             if h is not None:  # a recurrent actor's hidden state, zeroed at episode starts
                 h = h * (~out.done).repeat_interleave(A).unsqueeze(1).to(h.dtype)
             actions, h = policy_actions(policy, obs, mask, unit, greedy_t, gen, h)
-            actions = actions.reshape(episodes, A)
+            actions = actions.reshape(n, A)
         out = sim.step(actions)
         first = out.done & ~finished
         for k in keys:
             result[k] = torch.where(first, getattr(out, k).to(torch.float32), result[k])
         finished |= out.done
-    if policy is not None and was_training:
-        policy.train()
-    return {"win_rate": float(result["won"].mean()), "episodes": episodes,
-            "mean_return": float(result["episode_return"].mean()),
-            "mean_length": float(result["episode_length"].mean()),
-            "mean_allies_left": float(result["allies_left"].mean()),
-            "mean_enemies_left": float(result["enemies_left"].mean()),
-            "timeouts": int(result["timeout"].sum())}
+    return result
 
 
 # --- the learner ------------------------------------------------------------------------------------------------
