@@ -127,7 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenario", help="scenario name (default: the one the model was trained on, from its card; "
                                       "required with --policy)")
     p.add_argument("--scenario-file", action="append", default=[], metavar="FILE", help="extra TOML scenario file")
-    p.add_argument("--episodes", type=int, default=256, help="games (the first episode of each; many are played in batches of bounded memory, with progress on stderr)")
+    p.add_argument("--episodes", type=int, default=256, help="games (the first episode of each; many are played "
+                                                             "in batches of bounded memory, with progress on stderr)")
     p.add_argument("--seed", type=int, help="game seed: game i uses seed + i (default 0); with --env sc2 the real "
                                             "game's seed, re-applied to every episode (default: none, a new game "
                                             "each episode)")
