@@ -129,8 +129,8 @@ def _version_row(repo, name: str, version: int) -> dict:
     origin = "offline" if "offline" in card else "simulation"
     if card.get("resumed_from") is not None:
         origin += f", resumed from {card['resumed_from']}"
-    return {"version": version, "step": card["step"], "eval_win_rate": card["eval_win_rate"], "created": card["created"],
-            "scenario": card["scenario"], "sharing": card["sharing"], "critic": card["critic"],
+    return {"version": version, "step": card["step"], "eval_win_rate": card["eval_win_rate"],
+            "created": card["created"], "scenario": card["scenario"], "sharing": card["sharing"], "critic": card["critic"],
             "spec_hash": card["spec"]["hash"], "origin": origin}
 
 

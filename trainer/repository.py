@@ -235,7 +235,8 @@ class ModelRepository:
                 left.append(path)
         return left
 
-    def prune_plan(self, name: str, keep: int, also_keep: tuple[int, ...] = ()) -> tuple[list[int], list[int], int | None]:
+    def prune_plan(self, name: str, keep: int,
+                   also_keep: tuple[int, ...] = ()) -> tuple[list[int], list[int], int | None]:
         """Which versions of `name` a prune keeps and which it removes. It keeps the newest `keep` (>= 1: the
         version a service following the name serves, unless it has a --min-eval-win-rate bar), the best by
         evaluation win rate (ties: the newest), `also_keep`, and every version a kept one was resumed from (a
