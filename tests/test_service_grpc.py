@@ -551,7 +551,9 @@ def test_a_win_rate_bar_serves_only_versions_whose_evaluation_reached_it(service
         asyncio.run(start_server(ServeConfig(models=root, name="m", port=0, min_eval_win_rate=1.5), CollectorRegistry()))
 
 
-def test_removing_the_served_version_rolls_back_and_its_number_is_never_reused(service_repo):
+def test_removing_the_served_version_rolls_back_and_its_number_is_never_reused(service_repo, capsys):
+    from service.cli import main
+
     root, scenario, _ = service_repo  # version 1
     repo = ModelRepository(root)
     obs, mask, _ = sim_inputs(scenario, games=1, steps=1)
@@ -566,7 +568,8 @@ def test_removing_the_served_version_rolls_back_and_its_number_is_never_reused(s
             bad = publish()
             assert await asyncio.to_thread(holder.check_for_update)
             served.append((await client.act(obs[0], mask[0], 0)).model_version)
-            shutil.rmtree(Path(root) / "m" / str(bad))  # the operator takes the bad version out
+            # the operator takes the bad version out, as the README says
+            assert main(["models", "--models", str(root), "--name", "m", "--remove", str(bad)]) == 0
             assert await asyncio.to_thread(holder.check_for_update)
             served.append((await client.act(obs[0], mask[0], 0)).model_version)
             assert not await asyncio.to_thread(holder.check_for_update)  # settled: nothing more to do
