@@ -552,7 +552,7 @@ def test_a_win_rate_bar_serves_only_versions_whose_evaluation_reached_it(service
 
 
 def test_removing_the_served_version_rolls_back_and_its_number_is_never_reused(service_repo, capsys):
-    from service.cli import main
+    from service.cli import main as phalanx
 
     root, scenario, _ = service_repo  # version 1
     repo = ModelRepository(root)
@@ -569,7 +569,7 @@ def test_removing_the_served_version_rolls_back_and_its_number_is_never_reused(s
             assert await asyncio.to_thread(holder.check_for_update)
             served.append((await client.act(obs[0], mask[0], 0)).model_version)
             # the operator takes the bad version out, as the README says
-            assert main(["models", "--models", str(root), "--name", "m", "--remove", str(bad)]) == 0
+            assert phalanx(["models", "--models", str(root), "--name", "m", "--remove", str(bad)]) == 0
             assert await asyncio.to_thread(holder.check_for_update)
             served.append((await client.act(obs[0], mask[0], 0)).model_version)
             assert not await asyncio.to_thread(holder.check_for_update)  # settled: nothing more to do
