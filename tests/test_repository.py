@@ -207,9 +207,10 @@ def test_the_run_that_claims_a_name_clears_what_a_killed_writer_left(repo, sc):
     crashed = base / ".tmp-0123abcd-xyz"
     crashed.mkdir()
     (crashed / "weights.safetensors").write_bytes(b"\0" * 1000)
-    (base / ".tmp-0123abcd.last-version").write_text("7\n")
+    other_writer = base / ".tmp-0123abcd.last-version"  # `phalanx models --remove` writes it without the claim
+    other_writer.write_text("7\n")
     handle = repo.claim("m")
-    assert sorted(p.name for p in base.iterdir()) == [".last-version", ".writer.lock", "1"]
+    assert sorted(p.name for p in base.iterdir()) == [".last-version", other_writer.name, ".writer.lock", "1"]
     mine = base / ".tmp-feedbeef-abc"  # a save in progress under the claim
     mine.mkdir()
     with pytest.raises(OSError):

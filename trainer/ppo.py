@@ -170,9 +170,11 @@ def evaluate(policy: Policy | None, scenario, episodes: int, seed: int, *, greed
              progress: Callable[[int, dict], None] | None = None) -> dict:
     """Play `episodes` games, game i with seed `seed + i` (BattleSim), and count the first episode of each.
     Actions: `policy.act` over every agent slot (dead agents' masks force no-op), greedy or sampled, or a scripted
-    `baseline` from trainer.sim.baselines. Games are played in batches of EVAL_UNITS_AT_ONCE units; a game plays
-    the same in any batch (its randomness comes from its own seed), and the sampling generator of the batch that
-    starts at game k is seeded with `seed + k`. `progress(games_done, totals_so_far)` is called after each batch.
+    `baseline` from trainer.sim.baselines. Games are played in batches of EVAL_UNITS_AT_ONCE units. A game's own
+    randomness comes from its seed, so greedy play and attack-nearest / focus-fire give the same games in any
+    batch; sampled actions and the `random` baseline draw from one generator per batch (the batch that starts at
+    game k seeds it with `seed + k`), so theirs depend on the batch size. `progress(games_done, totals)` follows
+    each batch.
     -> {win_rate, episodes, mean_return, mean_length, mean_allies_left, mean_enemies_left, timeouts}."""
     per_batch = max(1, EVAL_UNITS_AT_ONCE // (scenario.n_agents + scenario.n_enemies))
     keys = ("won", "timeout", "episode_return", "episode_length", "allies_left", "enemies_left")

@@ -151,13 +151,13 @@ class ModelRepository:
             handle.truncate()
             handle.write(f"{os.getpid()}\n")
             handle.flush()
-        # No other run writes this name now, so any temporary left here is a crashed writer's (a half-saved
-        # version, killed mid-write) or an unfinished removal's: delete them, they would only fill the disk.
+        # No other run saves under this name now, so a temporary version directory left here is a crashed
+        # writer's (a half-saved version, killed mid-write) or an unfinished removal's: delete them, they would
+        # only fill the disk. Files are left alone: `.tmp-*` files are written without the claim (the issued-number
+        # record of `phalanx models --remove`; shards, should an experience dir be pointed here).
         for leftover in base.glob(f"{TMP_PREFIX}*"):
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
         return handle
 
     def save(self, name: str, policy: Policy, *, scenario, step: int, eval_win_rate: float | None,
