@@ -115,8 +115,9 @@ def _score(policy: Policy, obs: torch.Tensor, mask: torch.Tensor, unit: torch.Te
 
 
 class StoppedBeforeLearning(TrainError):
-    """A SIGINT / SIGTERM arrived while a fresh critic was still warming up: the actor had not learned, so there is
-    nothing worth a version; `signum` gives the exit status (128 + signum)."""
+    """A SIGINT / SIGTERM arrived before the actor's first update (while the shards were read, or a fresh critic
+    warmed up): the actor is the untrained one, so there is nothing worth a version; `signum` gives the exit
+    status (128 + signum)."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -126,7 +127,7 @@ class StoppedBeforeLearning(TrainError):
 def train_offline(cfg: OfflineConfig, *, metrics=None) -> TrainResult:
     """Learn from logged shards as configured; returns the summary (the CLI's final JSON line), policy, history.
     A first SIGINT or SIGTERM ends the run after its iteration: evaluated and saved as at the end (summary
-    "stop_reason" names the signal) once the actor has learned, StoppedBeforeLearning during the critic warm-up."""
+    "stop_reason" names the signal) once the actor has learned, StoppedBeforeLearning before that."""
     plan = "stopping after this iteration with a last evaluation and version (none before the actor's first update)"
     with GracefulStop(plan=plan) as graceful, contextlib.ExitStack() as held:  # held: the claim on the name
         return _train_offline(cfg, metrics, graceful, held)
