@@ -83,10 +83,7 @@ def cmd_scenarios(args) -> int:
         return 0
     header = ("name", "agents", "enemies", "n_agents", "n_enemies", "obs_size", "state_size", "n_actions",
               "episode_limit")
-    table = [header] + [tuple(str(r[k]) for k in header) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    _print_table(header, [tuple(str(r[k]) for k in header) for r in rows])
     return 0
 
 
@@ -141,7 +138,7 @@ def _rate(rate) -> str:
 def cmd_models(args) -> int:
     import os
 
-    from trainer.repository import ModelRepository
+    from trainer.repository import ModelRepository, best_version
 
     def fail(message: str) -> int:
         print(f"phalanx models: {message}", file=sys.stderr)
@@ -184,12 +181,11 @@ def cmd_models(args) -> int:
     for name, versions in held.items():
         rows = [_version_row(repo, name, v) for v in versions]
         readable = [r for r in rows if "error" not in r]
-        rated = [r for r in readable if r["eval_win_rate"] is not None]
-        best = max(rated, key=lambda r: (r["eval_win_rate"], r["version"])) if rated else None
+        rates = {r["version"]: r["eval_win_rate"] for r in readable}
+        best = best_version(rates)
         newest = readable[-1] if readable else {}
-        summaries.append({"name": name, "versions": len(versions), "latest": versions[-1],
-                          "best": None if best is None else best["version"],
-                          "best_eval_win_rate": None if best is None else best["eval_win_rate"],
+        summaries.append({"name": name, "versions": len(versions), "latest": versions[-1], "best": best,
+                          "best_eval_win_rate": None if best is None else rates[best],
                           "scenario": newest.get("scenario"), "sharing": newest.get("sharing"),
                           "critic": newest.get("critic"), "unreadable": len(rows) - len(readable)})
     if args.json:

@@ -160,6 +160,8 @@ def policy_actions(policy: Policy, obs: torch.Tensor, mask: torch.Tensor, unit: 
     return torch.where(greedy, logits.argmax(1), sampled), h
 
 
+EVAL_STATS = ("won", "timeout", "episode_return", "episode_length", "allies_left", "enemies_left")
+"""The first-episode statistics `evaluate` gathers per game (StepOutput fields)."""
 EVAL_UNITS_AT_ONCE = 65_536
 """Units (both sides) that `evaluate` steps at once: games beyond that are played in further batches, so 100,000
 games of 27m_vs_30m take bounded memory (8m: 4,096 games a batch, near the simulator's best throughput)."""
@@ -177,8 +179,7 @@ def evaluate(policy: Policy | None, scenario, episodes: int, seed: int, *, greed
     each batch.
     -> {win_rate, episodes, mean_return, mean_length, mean_allies_left, mean_enemies_left, timeouts}."""
     per_batch = max(1, EVAL_UNITS_AT_ONCE // (scenario.n_agents + scenario.n_enemies))
-    keys = ("won", "timeout", "episode_return", "episode_length", "allies_left", "enemies_left")
-    totals = dict.fromkeys(keys, 0.0)
+    totals = dict.fromkeys(EVAL_STATS, 0.0)
     was_training = policy.training if policy is not None else False
     if policy is not None:
         policy.eval()
@@ -186,7 +187,7 @@ def evaluate(policy: Policy | None, scenario, episodes: int, seed: int, *, greed
         for first_game in range(0, episodes, per_batch):
             n = min(per_batch, episodes - first_game)
             batch = _play_first_episodes(policy, scenario, n, seed + first_game, greedy, baseline, device)
-            for k in keys:
+            for k in EVAL_STATS:
                 totals[k] += float(batch[k].sum())
             if progress is not None:
                 progress(first_game + n, totals)
@@ -212,8 +213,7 @@ def _play_first_episodes(policy: Policy | None, scenario, n: int, seed: int, gre
     greedy_t = torch.full((n * A,), greedy, dtype=torch.bool, device=sim.device)
     gen = torch.Generator(device=sim.device).manual_seed(seed)
     finished = torch.zeros(n, dtype=torch.bool, device=sim.device)
-    keys = ("won", "timeout", "episode_return", "episode_length", "allies_left", "enemies_left")
-    result = {k: torch.zeros(n, dtype=torch.float32, device=sim.device) for k in keys}
+    result = {k: torch.zeros(n, dtype=torch.float32, device=sim.device) for k in EVAL_STATS}
     h = None
     while not bool(finished.all()):
         obs, mask = out.obs.reshape(n * A, -1), out.avail.reshape(n * A, -1)
@@ -226,7 +226,7 @@ def _play_first_episodes(policy: Policy | None, scenario, n: int, seed: int, gre
             actions = actions.reshape(n, A)
         out = sim.step(actions)
         first = out.done & ~finished
-        for k in keys:
+        for k in EVAL_STATS:
             result[k] = torch.where(first, getattr(out, k).to(torch.float32), result[k])
         finished |= out.done
     return result

@@ -155,9 +155,7 @@ class ModelRepository:
         # writer's (a half-saved version, killed mid-write) or an unfinished removal's: delete them, they would
         # only fill the disk. Files are left alone: `.tmp-*` files are written without the claim (the issued-number
         # record of `phalanx models --remove`; shards, should an experience dir be pointed here).
-        for leftover in base.glob(f"{TMP_PREFIX}*"):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
+        _delete_dirs(base, TMP_PREFIX)
         return handle
 
     def save(self, name: str, policy: Policy, *, scenario, step: int, eval_win_rate: float | None,
@@ -227,13 +225,7 @@ class ModelRepository:
 
     def sweep_removed(self, name: str) -> list[Path]:
         """Delete what earlier removals left behind (`.tmp-removed-*`); returns what still could not be deleted."""
-        base = self.root / check_name(name)
-        left = []
-        for path in base.glob(f"{REMOVED_PREFIX}*"):
-            shutil.rmtree(path, ignore_errors=True)
-            if path.exists():
-                left.append(path)
-        return left
+        return _delete_dirs(self.root / check_name(name), REMOVED_PREFIX)
 
     def prune_plan(self, name: str, keep: int,
                    also_keep: tuple[int, ...] = ()) -> tuple[list[int], list[int], int | None]:
@@ -257,8 +249,7 @@ class ModelRepository:
                 raise ValueError(f"{e}; nothing was removed (try again when the file can be read)") from None
             except ModelLoadError:  # corrupt for good: never servable, so age alone decides its fate
                 continue
-        rated = [(card["eval_win_rate"], v) for v, card in cards.items() if card["eval_win_rate"] is not None]
-        best = max(rated)[1] if rated else None
+        best = best_version({v: card["eval_win_rate"] for v, card in cards.items()})
         kept = set(versions[-keep:]) | set(also_keep) | ({best} if best is not None else set())
         for v in list(kept):
             if v in cards:
@@ -330,6 +321,23 @@ class ModelRepository:
             raise ModelLoadError(f"{path / CARD_FILE}: card names {card['name']!r} version {card['version']!r}, "
                                  f"but it is stored as {name!r} version {version}")
         return card, version, path
+
+
+def best_version(rates: dict[int, float | None]) -> int | None:
+    """The version with the highest evaluation win rate (ties: the newest); None when none has one."""
+    rated = [(rate, v) for v, rate in rates.items() if rate is not None]
+    return max(rated)[1] if rated else None
+
+
+def _delete_dirs(base: Path, prefix: str) -> list[Path]:
+    """Delete the directories in `base` whose names start with `prefix`; returns those that could not be."""
+    left = []
+    for path in base.glob(f"{prefix}*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            if path.exists():
+                left.append(path)
+    return left
 
 
 # --- validation helpers (also useful on their own) -----------------------------------------------------------
