@@ -33,6 +33,16 @@ def _worker(rank: int, world: int, port: int, tmp: str, sharing: str):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    import trainer.ppo
+
+    class FirstActions(trainer.ppo.BattleSim):  # records the actions of the first step of this rank's games
+        def step(self, actions):
+            first = os.path.join(tmp, f"actions{rank}.safetensors")
+            if not os.path.exists(first):  # the training games step first; evaluation's come later
+                save_file({"actions": actions.clone()}, first)
+            return super().step(actions)
+
+    trainer.ppo.BattleSim = FirstActions
     cfg = TrainConfig(models=os.path.join(tmp, "models"), name="ddp", scenario="2s3z", sharing=sharing,
                       envs=16, rollout=8, hidden=16, epochs=2, minibatches=2, steps=16 * 8 * 2 * 3,
                       eval_every=16 * 8 * 2 * 3, eval_episodes=8, progress=False, seed=0)
@@ -63,6 +73,9 @@ def test_two_gloo_ranks_keep_identical_parameters(tmp_path, sharing):
     init = Policy.from_config(card["architecture"])
     assert not torch.equal(a["actor_in.weight"], init.actor_in.weight.detach())
     assert json.loads((tmp_path / "rank1.json").read_text()) == {}  # rank 1 reports nothing
+    # each rank samples its own actions: with one seed for both, rank 1 chose as rank 0 did in nearly every slot
+    first = [load_file(tmp_path / f"actions{r}.safetensors")["actions"] for r in (0, 1)]
+    assert (first[0] == first[1]).float().mean() < 0.6
     assert json.loads((tmp_path / "rank0.json").read_text())["world_size"] == 2
 
 

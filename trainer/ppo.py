@@ -377,6 +377,10 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop, held: contextlib.E
         model = nn.parallel.DistributedDataParallel(policy, forward_sync_buffers=False,
                                                     find_unused_parameters=policy.n_groups > 1)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+    if rank or start_step:
+        # every rank built the same network from one seed; its action noise must be its own, or rank 1 would
+        # repeat rank 0's choices in its own games (and a resumed run the original run's first choices)
+        torch.manual_seed(cfg.seed + 1_000_003 * rank + start_step)
 
     # --- sizes and storage ------------------------------------------------------------------------------
     E, T, A = cfg.envs, cfg.rollout, sc.n_agents
