@@ -136,9 +136,9 @@ class TrainConfig:
     progress: bool = True
     """Show a tqdm progress bar on stderr (without it, one line per evaluation is printed there)."""
     actor_rows: str = "all"
-    """Which live units' samples train the actor (and a local critic): all (the pooled update); one-unit (one
-    live unit per game step, at random); game-subset (every live unit of a random share of the game steps, as
-    many samples as one-unit). A probe for bench/sharing.py, not a training option: it asks whether sharing's
+    """Which live units' samples train the actor: all (the pooled update); one-unit (one live unit per game step,
+    at random); game-subset (every live unit of a random share of the game steps, as many samples as one-unit).
+    The critic trains on every step either way, and advantages are normalised over every live unit's. A probe for bench/sharing.py, not a training option: it asks whether sharing's
     gain comes from more units per game step or from more game steps. Not exposed by `phalanx train`."""
 
     def __post_init__(self):
