@@ -105,6 +105,7 @@ def _deadline(context) -> float | None:
 
 
 DEADLINE_SLACK = 0.05  # seconds; see _why_cancelled
+MAX_PENDING_CALLS = 65536  # calls gRPC holds for the handlers, all connections together (see _start's options)
 
 
 def _why_cancelled(context) -> grpc.StatusCode:
@@ -375,7 +376,15 @@ class RunningServer:
         self._metrics_server = None
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 0),
+                   # gRPC queues the calls it has not handed to a handler yet, and by default cancels some of them
+                   # beyond 1,000 and all beyond 3,000: a burst of Act calls from a healthy client (one unit per
+                   # call, 1,024 games of 3m) got CANCELLED, which no client retries. With room for far more, the
+                   # calls reach the handlers, and the batcher's own queue (--max-queue) sheds what is too much with
+                   # RESOURCE_EXHAUSTED. (A per-connection stream limit would not do: a new connection's first
+                   # burst, sent before the client learns the limit, is refused.)
+                   ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                   ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS)]
         interceptors = []
         if config.auth_token_file is not None:
             try:

@@ -179,6 +179,24 @@ def test_many_concurrent_clients_each_get_their_own_answers(service_repo):
     assert count < 16 * n + 8  # and requests shared forward passes
 
 
+def test_a_burst_of_unary_calls_is_answered_not_cancelled(service_repo):
+    """`phalanx play --rpc unary --games 1024` sends 3,000 Act calls at once on one connection. gRPC's server keeps
+    calls it has not handed to the handlers in a queue that, by default, cancels some beyond 1,000 and all beyond
+    3,000: the client saw CANCELLED (not retried, blamed on the server going away) from a healthy server."""
+    root, scenario, _ = service_repo
+    obs, mask, unit = sim_inputs(scenario, games=1, steps=1)
+    calls = 3000
+
+    async def main():
+        async with serving(root) as running, AsyncClient(running.address, retries=0) as client:
+            answers = await asyncio.gather(*(client.act(obs[0], mask[0], int(unit[0])) for _ in range(calls)),
+                                           return_exceptions=True)
+            return [a for a in answers if isinstance(a, BaseException)]
+
+    failed = asyncio.run(main())
+    assert not failed, f"{len(failed)} of {calls} calls failed, the first: {failed[0]!r}"
+
+
 def test_sync_client_in_a_thread(service_repo):
     root, scenario, policy = service_repo
     obs, mask, unit = sim_inputs(scenario, games=2, steps=1)
