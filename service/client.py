@@ -45,12 +45,32 @@ class FrameResult:
 
 
 class StreamError(Exception):
-    """One request on an ActStream failed; `.code` is its grpc.StatusCode."""
+    """One request on an ActStream failed, or the stream itself did; `.code` is the grpc.StatusCode.
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    `.request_id`: the failed request's id when the server answered that one request with an error (the stream
+    goes on: the next `recv()` is the next request's answer); None when the stream itself ended (reopen one).
+    `.answers`: set by `act_many`, every request's outcome in order (an ActResponse, or the StreamError that
+    request got), since one bad request does not spoil the others' answers."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, request_id: int | None = None):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.request_id = request_id
+        self.answers: list | None = None
+
+
+def _answer_error(resp: pb.ActResponse) -> StreamError:
+    return StreamError(status_code(resp.error.code), resp.error.message, resp.request_id)
+
+
+def _all_answers(outcomes: list) -> list[pb.ActResponse]:
+    """act_many's result: the answers, or the first request's error carrying every outcome."""
+    failed = next((o for o in outcomes if isinstance(o, StreamError)), None)
+    if failed is not None:
+        failed.answers = outcomes
+        raise failed
+    return outcomes
 
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
@@ -310,16 +330,25 @@ class ActStream:
                 self._inbox.put(None)
             raise StreamError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream (draining?): reopen one")
         if resp.HasField("error"):
-            raise StreamError(status_code(resp.error.code), resp.error.message)
+            raise _answer_error(resp)
         return resp
 
     def act_many(self, requests: Iterable[pb.ActRequest]) -> list[pb.ActResponse]:
-        """Send all, then read as many answers: pipelined on the one stream."""
+        """Send all, then read as many answers: pipelined on the one stream. Every answer is read even when one
+        request fails (StreamError with `.answers`), so the stream stays in step for the next call."""
         n = 0
         for req in requests:
             self.send(req)
             n += 1
-        return [self.recv() for _ in range(n)]
+        outcomes = []
+        for _ in range(n):
+            try:
+                outcomes.append(self.recv())
+            except StreamError as e:
+                if e.request_id is None:  # the stream ended: nothing more will come
+                    raise
+                outcomes.append(e)
+        return _all_answers(outcomes)
 
     def close(self) -> None:
         if self._closed:
@@ -429,23 +458,31 @@ class AsyncActStream:
         if resp is grpc.aio.EOF:
             raise StreamError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream (draining?): reopen one")
         if resp.HasField("error"):
-            raise StreamError(status_code(resp.error.code), resp.error.message)
+            raise _answer_error(resp)
         return resp
 
     async def act_many(self, requests: Sequence[pb.ActRequest]) -> list[pb.ActResponse]:
-        """Write the requests while reading as many answers (pipelined; answers in request order)."""
+        """Write the requests while reading as many answers (pipelined; answers in request order). Every answer
+        is read even when one request fails (StreamError with `.answers`), so the stream stays in step."""
         async def write_all():
             for req in requests:
                 await self.send(req)
 
         writer = asyncio.create_task(write_all())
+        outcomes = []
         try:
-            answers = [await self.recv() for _ in range(len(requests))]
+            for _ in range(len(requests)):
+                try:
+                    outcomes.append(await self.recv())
+                except StreamError as e:
+                    if e.request_id is None:  # the stream ended: nothing more will come
+                        raise
+                    outcomes.append(e)
         finally:
             if not writer.done():
                 writer.cancel()
         await writer
-        return answers
+        return _all_answers(outcomes)
 
     async def close(self) -> None:
         await self.call.done_writing()

@@ -197,6 +197,45 @@ def test_a_burst_of_unary_calls_is_answered_not_cancelled(service_repo):
     assert not failed, f"{len(failed)} of {calls} calls failed, the first: {failed[0]!r}"
 
 
+def test_act_many_reads_every_answer_past_a_bad_request_so_the_stream_stays_in_step(service_repo):
+    """act_many used to raise at the first bad answer and leave the rest unread: the next recv() handed back an
+    answer meant for an earlier request (one unit's action given to another), with no error."""
+    root, scenario, _ = service_repo
+    obs, mask, unit = sim_inputs(scenario, games=1, steps=1)
+    o, m = obs[0], mask[0]
+
+    def three():  # good, bad (a short observation), good
+        return [act_request(o, m, 0, greedy=True), act_request(o[:-1], m, 1), act_request(o, m, 2, greedy=True)]
+
+    def outcome(e):
+        return [(type(a).__name__, a.request_id) for a in e.answers]
+
+    def sync_use(address):
+        with Client(address) as c:
+            for answer_timeout in (None, 10):  # read on this thread, or by the reader thread
+                with c.stream(answer_timeout=answer_timeout) as s:
+                    with pytest.raises(StreamError) as e:
+                        s.act_many(three())
+                    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.request_id == 2
+                    assert outcome(e.value) == [("ActResponse", 1), ("StreamError", 2), ("ActResponse", 3)]
+                    rid = s.send(act_request(o, m, 0, greedy=True))
+                    assert s.recv().request_id == rid == 4
+
+    async def main():
+        async with serving(root) as running, AsyncClient(running.address) as client:
+            async with client.stream() as s:
+                with pytest.raises(StreamError) as e:
+                    await s.act_many(three())
+                assert e.value.request_id == 2
+                assert outcome(e.value) == [("ActResponse", 1), ("StreamError", 2), ("ActResponse", 3)]
+                rid = await s.send(act_request(o, m, 0, greedy=True))
+                assert (await s.recv()).request_id == rid == 4
+                assert [a.request_id for a in await s.act_many(three()[::2])] == [5, 6]
+            await asyncio.to_thread(sync_use, running.address)
+
+    asyncio.run(main())
+
+
 def test_sync_client_in_a_thread(service_repo):
     root, scenario, policy = service_repo
     obs, mask, unit = sim_inputs(scenario, games=2, steps=1)
