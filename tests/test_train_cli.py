@@ -98,6 +98,22 @@ def test_an_unusable_models_directory_is_refused_before_training(capsys, tmp_pat
     assert not (tmp_path / "logs").exists()  # refused before anything ran
 
 
+def test_a_name_keeps_its_spec_a_fresh_run_on_another_scenario_is_refused(capsys, tmp_path):
+    """A fresh 8m run under a name holding 3m versions used to add an 8m version: a restarted service following
+    the name then served it to 3m games (every request refused). Now it is refused before training, the name is
+    left free, and the same scenario (a new run from scratch) is still welcome."""
+    models = str(tmp_path / "m")
+    run = ["train", "--models", models, "--name", "a", "--steps", "256", "--eval-every", "256", *TINY]
+    assert main([*run, "--scenario", "3m"]) == 0
+    capsys.readouterr()
+    assert main([*run, "--scenario", "8m"]) == 2
+    err = capsys.readouterr().err
+    assert "holds versions trained on spec '3m'" in err and "scenario '8m'" in err and "another --name" in err
+    assert ModelRepository(models).versions("a") == [1]
+    assert main([*run, "--scenario", "3m"]) == 0  # the refused run let go of the name
+    assert ModelRepository(models).versions("a") == [1, 2]
+
+
 def test_eval_refuses_other_specs_and_corrupt_models(capsys, tmp_path):
     models = str(tmp_path / "m")
     assert main(["train", "--scenario", "3m", "--models", models, "--name", "a", "--steps", "256",

@@ -189,7 +189,7 @@ def _train_offline(cfg: OfflineConfig, metrics, graceful: GracefulStop, held: co
     samples = torch.nonzero(data_d["sample"]).squeeze(1)
     n = samples.shape[0]
     log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(cfg.models) / cfg.name / "logs"
-    held.enter_context(prepare_outputs(repo, cfg.name, log_dir))
+    held.enter_context(prepare_outputs(repo, cfg.name, log_dir, sc))
     csv_path = log_dir / f"{cfg.name}-{sc.name}-offline.csv"
     history: list[dict] = []
     prior = _prior_rows(csv_path)  # earlier offline runs of this name: the log grows, one block of rows a run

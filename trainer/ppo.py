@@ -38,7 +38,7 @@ from torch import nn
 
 from trainer.config import ARCHITECTURE_FIELDS, TrainConfig, TrainError, training_settings
 from trainer.policy import Policy
-from trainer.repository import ModelRepository
+from trainer.repository import ModelLoadError, ModelRepository
 from trainer.sim import BattleSim, load_scenario
 
 
@@ -420,7 +420,7 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop, held: contextlib.E
     bar, setup_error = None, None
     if rank == 0:
         try:
-            held.enter_context(prepare_outputs(repo, cfg.name, log_dir))
+            held.enter_context(prepare_outputs(repo, cfg.name, log_dir, sc))
         except TrainError as e:
             setup_error = e
     # every rank learns whether rank 0 could claim the name and write there: a rank left alone in a collective
@@ -677,19 +677,44 @@ def weights_finite(policy: Policy) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in policy.state_dict().values() if t.is_floating_point())
 
 
-def prepare_outputs(repo: ModelRepository, name: str, log_dir: Path):
+def prepare_outputs(repo: ModelRepository, name: str, log_dir: Path, scenario):
     """Make sure versions and logs can be written before a run spends its budget, and claim the name: returns
-    the open lock file (ModelRepository.claim), to keep open (a `with`) until the run's last write."""
+    the open lock file (ModelRepository.claim), to keep open (a `with`) until the run's last write. Refuses a
+    name whose versions were trained on another observation/action spec than `scenario`'s."""
     try:
         claim = repo.claim(name)
     except OSError as e:
         raise TrainError(str(e)) from None
     try:
-        log_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+        other_spec = _other_spec(repo, name, scenario)
+        if other_spec:
+            raise TrainError(other_spec)
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainError(f"cannot write logs under {log_dir}: {e.strerror or e}") from None
+    except BaseException:
         claim.close()
-        raise TrainError(f"cannot write logs under {log_dir}: {e.strerror or e}") from None
+        raise
     return claim
+
+
+def _other_spec(repo: ModelRepository, name: str, scenario) -> str | None:
+    """Why `name` cannot take a version for `scenario`: its newest version was trained on another spec, and a
+    service following the name would switch its games to an observation layout they do not send. None if it
+    can (no version yet, the same spec, or a newest card that cannot be read: loading reports that one)."""
+    try:
+        card, version, _ = repo.load_card(name)
+    except ModelLoadError:
+        return None
+    spec = card["spec"]
+    if spec["hash"] == scenario.spec_hash:
+        return None
+    return (f"model {name!r} under {repo.root} holds versions trained on spec {spec['name']!r} (newest: version "
+            f"{version}, hash {spec['hash']}), and this run trains scenario {scenario.name!r} (hash "
+            f"{scenario.spec_hash}): a service following {name!r} would switch to a model its games cannot talk "
+            f"to. Train under another --name (or remove those versions: phalanx models --models {repo.root} "
+            f"--name {name} --remove ...)")
 
 
 def _save(repo: ModelRepository, name: str, policy: Policy, **kw) -> int:
