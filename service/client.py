@@ -131,10 +131,24 @@ def check_target(target: str) -> None:
 
 # --- messages ---------------------------------------------------------------------------------------------
 
+def _check_client_target(target: str) -> None:
+    try:
+        check_target(target)
+    except ValueError as e:
+        raise ValueError(f"client target {e}") from None
+
+
 def act_request(obs, mask, unit_id: int, *, greedy: bool = False, game_id: str = "", episode_id: int = 0,
                 spec_hash: str = "", prev_reward: float | None = None, prev_done: bool | None = None,
                 request_id: int = 0) -> pb.ActRequest:
-    """One unit's ActRequest; obs and mask are sequences or 1-D arrays."""
+    """One unit's ActRequest; obs and mask are sequences or 1-D arrays. Raises ValueError naming the argument
+    that cannot go in the message (the server checks sizes and values against the model)."""
+    for what, array in (("obs", obs), ("mask", mask)):
+        if isinstance(array, np.ndarray) and array.ndim != 1:
+            raise ValueError(f"act_request: {what} must be one unit's 1-D array, got shape {array.shape} (several "
+                             f"units: one act_request each, or act_batch)")
+    if not 0 <= unit_id < 2 ** 32:
+        raise ValueError(f"act_request: unit_id must be a slot number >= 0, got {unit_id}")
     req = pb.ActRequest(game_id=game_id, episode_id=episode_id, unit_id=unit_id,
                         observation=np.asarray(obs, dtype=np.float32).tolist() if isinstance(obs, np.ndarray) else obs,
                         action_mask=np.asarray(mask, dtype=bool).tolist() if isinstance(mask, np.ndarray) else mask,
@@ -212,6 +226,7 @@ class Client:
 
     def __init__(self, target: str, *, tls_ca: str | Path | None = None, tls: bool = False, token: str | None = None,
                  server_name: str | None = None, timeout: float | None = 10.0, retries: int = 5):
+        _check_client_target(target)
         creds = _credentials(tls_ca, tls)
         options = _options(server_name)
         self.channel = (grpc.secure_channel(target, creds, options) if creds is not None
@@ -377,6 +392,7 @@ class AsyncClient:
 
     def __init__(self, target: str, *, tls_ca: str | Path | None = None, tls: bool = False, token: str | None = None,
                  server_name: str | None = None, timeout: float | None = 10.0, retries: int = 5):
+        _check_client_target(target)
         creds = _credentials(tls_ca, tls)
         options = _options(server_name)
         self.channel = (grpc.aio.secure_channel(target, creds, options) if creds is not None

@@ -372,6 +372,23 @@ def test_server_addresses_without_a_port_are_refused(target, words):
         check_target(target)
 
 
+def test_the_client_library_refuses_what_would_go_wrong_on_the_wire():
+    """Without these checks a bare HOST quietly dialled port 443, a 2-D observation failed inside protobuf
+    ("must be real number, not list") and a negative unit id as "Value out of range: -1", naming nothing."""
+    from service.client import AsyncClient, Client
+
+    for make in (Client, AsyncClient):
+        with pytest.raises(ValueError, match="client target must be HOST:PORT"):
+            make("127.0.0.1")
+    with pytest.raises(ValueError, match=r"obs must be one unit's 1-D array, got shape \(1, 30\)"):
+        act_request(np.zeros((1, 30)), MASK, 0)
+    with pytest.raises(ValueError, match=r"mask must be one unit's 1-D array"):
+        act_request(OBS, np.ones((2, len(MASK)), bool), 0)
+    with pytest.raises(ValueError, match="unit_id must be a slot number >= 0, got -1"):
+        act_request(OBS, MASK, -1)
+    assert act_request(list(OBS), list(MASK), 2).unit_id == 2  # plain sequences still go in
+
+
 def test_phalanx_version_prints_the_installed_version(capsys, monkeypatch):
     import importlib.metadata
 
