@@ -22,7 +22,9 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, except where there is none to show (the help text says what happens)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None or action.default == [] or "(default" in (action.help or ""):
+            return action.help  # no default, an empty list (a repeatable flag), or one the help text gives
+        return super()._get_help_string(action)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", required=True, help="model name in the repository")
     p.add_argument("--scenario", help=f"scenario name (see `phalanx scenarios`); default {d.scenario}, with "
                                       "--from-shards the shards' spec")
-    p.add_argument("--scenario-file", action="append", default=[], metavar="FILE", help="extra TOML scenario file")
+    p.add_argument("--scenario-file", action="append", default=[], metavar="FILE",
+                   help="a TOML file of extra units and scenarios (repeatable)")
     p.add_argument("--sharing", choices=("shared", "per-type", "independent"),
                    help=f"parameter sharing mode (default {d.sharing}; with --resume the stored version's)")
     p.add_argument("--critic", choices=("central", "local"),
@@ -60,7 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                             f"{LOCAL_CRITIC_DEFAULTS['envs']} with --critic local")
     p.add_argument("--rollout", type=int, help=f"steps per game per iteration; default {d.rollout}, "
                                                f"{LOCAL_CRITIC_DEFAULTS['rollout']} with --critic local")
-    p.add_argument("--steps", type=int, help="budget in environment steps")
+    p.add_argument("--steps", type=int, help="budget in environment steps (with --minutes as well: whichever "
+                                             "runs out first ends the run)")
     p.add_argument("--minutes", type=float, help="budget in wall-clock minutes (10 when no budget is given)")
     p.add_argument("--target-win-rate", type=float, help="stop when a greedy evaluation reaches this win rate")
     p.add_argument("--target-window", type=int, metavar="K",
@@ -126,7 +130,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, help="model version (default: the newest)")
     p.add_argument("--scenario", help="scenario name (default: the one the model was trained on, from its card; "
                                       "required with --policy)")
-    p.add_argument("--scenario-file", action="append", default=[], metavar="FILE", help="extra TOML scenario file")
+    p.add_argument("--scenario-file", action="append", default=[], metavar="FILE",
+                   help="a TOML file of extra units and scenarios (repeatable)")
     p.add_argument("--episodes", type=int, default=256, help="games (the first episode of each; many are played "
                                                              "in batches of bounded memory, with progress on stderr)")
     p.add_argument("--seed", type=int, help="game seed: game i uses seed + i (default 0); with --env sc2 the real "

@@ -584,15 +584,18 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop, held: contextlib.E
             if metrics is not None:
                 metrics.update_iteration(steps=global_step, samples=samples, agent_steps_per_s=agent_steps_per_s,
                                          train_win_rate=train_win, train_return=train_ret, lr=lr, **iter_stats)
-            if bar is not None:
-                bar.update(steps_per_iter)
+            def show_progress(refresh: bool) -> None:
                 bar.set_postfix_str(
                     f"agent-steps/s {agent_steps_per_s:,.0f} | win {'-' if train_win is None else f'{train_win:.2f}'}"
                     f" | ret {'-' if train_ret is None else f'{train_ret:.1f}'}"
                     f" | eval {'-' if last_eval is None else f'{last_eval:.2f}'}"
                     # a budget in minutes gives the bar no total (and so no time left) of its own
                     + (f" | {max(minutes - elapsed / 60, 0):.1f} min left" if minutes and not budget_steps else ""),
-                    refresh=False)
+                    refresh=refresh)
+
+            if bar is not None:
+                bar.update(steps_per_iter)
+                show_progress(refresh=False)
 
             # --- 5. evaluate and save ----------------------------------------------------------------------------
             due = (global_step - last_eval_step >= eval_every) if eval_every else (time.perf_counter() - last_eval_time >= 20)
@@ -629,6 +632,7 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop, held: contextlib.E
                         f"return {ev['mean_return']:.2f}  -> version {version}")
                 if bar is not None:
                     bar.write(line, file=sys.stderr)
+                    show_progress(refresh=True)  # the bar's eval is this one (the last stays on screen)
                 else:
                     print(line, file=sys.stderr, flush=True)
                 if reached:
