@@ -101,9 +101,11 @@ def test_a_removed_versions_number_is_not_issued_again(repo, sc):
 def test_bad_names_and_versions(repo, sc):
     with pytest.raises(ValueError, match="model name"):
         repo.save("../evil", make(sc), scenario=sc, step=0, eval_win_rate=None)
-    with pytest.raises(ModelLoadError, match="no complete version"):
-        repo.load("nothing")
+    with pytest.raises(ModelLoadError, match=r"no complete version of model 'nothing' under \S* \(no such dir"):
+        repo.load("nothing")  # a typo'd --models, say
     repo.save("m", make(sc), scenario=sc, step=0, eval_win_rate=None)
+    with pytest.raises(ModelLoadError, match=r"no complete version of model 'nothing' under \S*models$"):
+        repo.load("nothing")
     with pytest.raises(ModelLoadError, match="no version 9"):
         repo.load("m", 9)
     with pytest.raises(ValueError, match="do not fit scenario"):

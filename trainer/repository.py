@@ -308,7 +308,8 @@ class ModelRepository:
         if version is None:
             version = self.latest(name)
             if version is None:
-                raise ModelLoadError(f"no complete version of model {name!r} under {self.root}")
+                where = "" if self.root.is_dir() else " (no such directory)"
+                raise ModelLoadError(f"no complete version of model {name!r} under {self.root}{where}")
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ModelLoadError(f"model version must be a positive integer, got {version!r}")
         path = self.root / name / str(version)
