@@ -75,3 +75,23 @@ def test_the_exported_metrics_pass_promtools_naming_lint():
     for text in (service, train):
         done = _promtool("check", "metrics", stdin=text.encode())
         assert done.returncode == 0 and not done.stdout.strip(), done.stdout.decode() + done.stderr.decode()
+
+
+def test_a_training_figure_not_measured_yet_reads_nan_not_zero():
+    """Before the first evaluation phalanx_train_eval_win_rate read 0.0, a result no run had produced."""
+    import math
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def values(metrics):
+        text = generate_latest(metrics.registry).decode()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    metrics = TrainMetrics(scenario="3m", model="m")
+    before = values(metrics)
+    for name in ("eval_win_rate", "eval_episode_return", "train_win_rate", "policy_loss", "entropy"):
+        assert math.isnan(before[f"phalanx_train_{name}"]), name
+    assert before["phalanx_train_steps"] == 0 and before["phalanx_train_model_version"] == 0
+    metrics.update_eval(win_rate=0.0, mean_return=3.5, version=1)
+    after = values(metrics)
+    assert after["phalanx_train_eval_win_rate"] == 0.0 and after["phalanx_train_model_version"] == 1
