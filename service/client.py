@@ -14,6 +14,7 @@ TLS: `tls_ca` (PEM file of the CA that signed the server's certificate); auth: `
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import random
 import threading
@@ -48,9 +49,10 @@ class StreamError(Exception):
     """One request on an ActStream failed, or the stream itself did; `.code` is the grpc.StatusCode.
 
     `.request_id`: the failed request's id when the server answered that one request with an error (the stream
-    goes on: the next `recv()` is the next request's answer); None when the stream itself ended (reopen one).
-    `.answers`: set by `act_many`, every request's outcome in order (an ActResponse, or the StreamError that
-    request got), since one bad request does not spoil the others' answers."""
+    goes on: the next `recv()` is the next request's answer); None when the stream itself ended (test with `is
+    None`; reopen one). A stream that gRPC ends with a status (UNAUTHENTICATED, the stream's deadline, ...)
+    raises grpc.RpcError instead. `.answers`: set by `act_many`, each request's outcome in order as far as they
+    were read (an ActResponse, or the StreamError that request got): one bad request does not spoil the others."""
 
     def __init__(self, code: grpc.StatusCode, message: str, request_id: int | None = None):
         super().__init__(f"{code.name}: {message}")
@@ -361,6 +363,7 @@ class ActStream:
                 outcomes.append(self.recv())
             except StreamError as e:
                 if e.request_id is None:  # the stream ended: nothing more will come
+                    e.answers = outcomes
                     raise
                 outcomes.append(e)
         return _all_answers(outcomes)
@@ -492,12 +495,15 @@ class AsyncActStream:
                     outcomes.append(await self.recv())
                 except StreamError as e:
                     if e.request_id is None:  # the stream ended: nothing more will come
+                        e.answers = outcomes
                         raise
                     outcomes.append(e)
-        finally:
-            if not writer.done():
-                writer.cancel()
-        await writer
+        except BaseException:
+            writer.cancel()  # a stream being abandoned takes no more writes (and no task is left behind)
+            with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
+                await writer
+            raise
+        await writer  # every answer came, so every write went out (an answer may come before its write returns)
         return _all_answers(outcomes)
 
     async def close(self) -> None:

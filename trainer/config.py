@@ -138,8 +138,9 @@ class TrainConfig:
     actor_rows: str = "all"
     """Which live units' samples train the actor: all (the pooled update); one-unit (one live unit per game step,
     at random); game-subset (every live unit of a random share of the game steps, as many samples as one-unit).
-    The critic trains on every step either way, and advantages are normalised over every live unit's. A probe for bench/sharing.py, not a training option: it asks whether sharing's
-    gain comes from more units per game step or from more game steps. Not exposed by `phalanx train`."""
+    The critic trains on every step either way, and advantages are normalised over every live unit's. A probe
+    for bench/sharing.py, not a training option: it asks whether sharing's gain comes from more units per game
+    step or from more game steps. Not exposed by `phalanx train`."""
 
     def __post_init__(self):
         self.validate()

@@ -717,8 +717,8 @@ def _other_spec(repo: ModelRepository, name: str, scenario) -> str | None:
     return (f"model {name!r} under {repo.root} holds versions trained on spec {spec['name']!r} (newest: version "
             f"{version}, hash {spec['hash']}), and this run trains scenario {scenario.name!r} (hash "
             f"{scenario.spec_hash}): a service following {name!r} would switch to a model its games cannot talk "
-            f"to. Train under another --name (or remove those versions: phalanx models --models {repo.root} "
-            f"--name {name} --remove ...)")
+            f"to. Train under another --name (or, if those versions are no longer wanted, delete "
+            f"{repo.root / name} by hand)")
 
 
 def _save(repo: ModelRepository, name: str, policy: Policy, **kw) -> int:

@@ -45,8 +45,8 @@ class TrainMetrics:
         self.clip_fraction = gauge("clip_fraction", "Fraction of samples whose ratio was clipped.")
         self.learning_rate = gauge("learning_rate", "Current learning rate.")
         self.model_version = gauge("model_version", "Newest model version written by this run (0: none yet).")
-        # Not measured yet reads NaN (Prometheus' "no value"), not 0: a win rate of 0 before the first
-        # evaluation would look like a result on a dashboard.
+        # Not measured yet reads NaN, not 0: a win rate of 0 before the first evaluation would look like a
+        # result on a dashboard. (NaN is a sample all the same: an avg() over runs is NaN until each evaluated.)
         for unknown in (self.train_win_rate, self.train_return, self.eval_win_rate, self.eval_return,
                         self.policy_loss, self.value_loss, self.entropy, self.approx_kl, self.clip_fraction):
             unknown.set(float("nan"))
