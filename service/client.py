@@ -66,6 +66,15 @@ def _answer_error(resp: pb.ActResponse) -> StreamError:
     return StreamError(status_code(resp.error.code), resp.error.message, resp.request_id)
 
 
+def _record_failure(outcomes: list, failure: StreamError) -> None:
+    """act_many's bookkeeping for an answer that raised: a refused request is one outcome among the others and
+    reading goes on; a stream that ended takes the outcomes read so far with it, raised (nothing more will come)."""
+    if failure.request_id is None:
+        failure.answers = outcomes
+        raise failure
+    outcomes.append(failure)
+
+
 def _all_answers(outcomes: list) -> list[pb.ActResponse]:
     """act_many's result: the answers, or the first request's error carrying every outcome."""
     failed = next((o for o in outcomes if isinstance(o, StreamError)), None)
@@ -362,10 +371,7 @@ class ActStream:
             try:
                 outcomes.append(self.recv())
             except StreamError as e:
-                if e.request_id is None:  # the stream ended: nothing more will come
-                    e.answers = outcomes
-                    raise
-                outcomes.append(e)
+                _record_failure(outcomes, e)
         return _all_answers(outcomes)
 
     def close(self) -> None:
@@ -494,10 +500,7 @@ class AsyncActStream:
                 try:
                     outcomes.append(await self.recv())
                 except StreamError as e:
-                    if e.request_id is None:  # the stream ended: nothing more will come
-                        e.answers = outcomes
-                        raise
-                    outcomes.append(e)
+                    _record_failure(outcomes, e)
         except BaseException:
             writer.cancel()  # a stream being abandoned takes no more writes (and no task is left behind)
             with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
