@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from trainer.policy import Policy
-from trainer.ppo import TrainConfig, TrainError, evaluate, gae, ppo_loss, select_actor_rows, team_gae, train
+from trainer.ppo import (TrainConfig, TrainError, adam_state, evaluate, gae, ppo_loss, restore_adam_state,
+                         select_actor_rows, team_gae, train)
 from trainer.repository import ModelRepository
 from trainer.sim import load_scenario
 
@@ -150,6 +151,65 @@ def test_target_win_rate_stops_early_and_resume_continues(tmp_path):
     assert len(list(Path(again["csv"]).parent.glob("m-3m.csv.*"))) == 2
     with pytest.raises(TrainError, match="trained on spec"):
         train(tiny_cfg(tmp_path, scenario="8m", resume="1"))
+
+
+def _adam_steps(repo: ModelRepository, version: int) -> set[float]:
+    return {float(v) for k, v in repo.load_optimizer_state("m", version).items() if k.endswith(".step")}
+
+
+def test_resume_continues_adam_where_the_stored_run_left_it(tmp_path, capsys):
+    cfg = tiny_cfg(tmp_path, steps=32 * 8 * 2, eval_every=32 * 8 * 2)  # 2 iterations x 2 epochs x 2 minibatches
+    train(cfg)
+    repo = ModelRepository(cfg.models)
+    stored = repo.load_optimizer_state("m", 1)
+    names = {name for name, _ in repo.load("m", 1).policy.named_parameters()}
+    assert {key.rsplit(".", 1)[0] for key in stored} == names and _adam_steps(repo, 1) == {8.0}
+    train(tiny_cfg(tmp_path, steps=32 * 8, eval_every=10 ** 9, resume="latest"))  # 4 more updates
+    assert _adam_steps(repo, 2) == {12.0}  # counted on: a fresh Adam would say 4
+    assert "Adam starts afresh" not in capsys.readouterr().err
+    # an unusable or absent optimizer file: the run resumes with a fresh Adam and says why
+    (Path(cfg.models) / "m" / "2" / "optimizer.safetensors").write_bytes(b"\x00" * 40)
+    train(tiny_cfg(tmp_path, steps=32 * 8, eval_every=10 ** 9, resume="2"))
+    assert _adam_steps(repo, 3) == {4.0}
+    assert "Adam starts afresh" in (err := capsys.readouterr().err) and "not a valid safetensors" in err
+    (Path(cfg.models) / "m" / "3" / "optimizer.safetensors").unlink()
+    train(tiny_cfg(tmp_path, steps=32 * 8, eval_every=10 ** 9, resume="3"))
+    assert _adam_steps(repo, 4) == {4.0} and "stores no optimizer state" in capsys.readouterr().err
+
+
+def test_restored_adam_state_takes_the_same_step_as_the_uninterrupted_optimizer():
+    sc = load_scenario("3m")
+    torch.manual_seed(0)
+    policy = Policy.for_scenario(sc, hidden=8)
+    obs, state = torch.randn(16, sc.obs_size), torch.randn(16, sc.state_size)
+    mask, unit = torch.ones(16, sc.n_actions, dtype=torch.bool), torch.arange(16) % sc.n_agents
+
+    def step(net, opt):
+        logits, values = net(obs, mask, unit, state)
+        opt.zero_grad()
+        (logits.logsumexp(1).mean() + values.square().mean()).backward()
+        opt.step()
+
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2, eps=1e-5)
+    for _ in range(3):
+        step(policy, opt)
+    copy = Policy.from_config(policy.config)
+    copy.load_state_dict(policy.state_dict())
+    copy_opt = torch.optim.Adam(copy.parameters(), lr=1e-2, eps=1e-5)
+    assert restore_adam_state(copy_opt, copy, adam_state(opt, policy)) == []
+    step(policy, opt)
+    step(copy, copy_opt)
+    for (name, a), b in zip(policy.named_parameters(), copy.parameters()):
+        assert torch.equal(a, b), name
+    # state for another architecture, or with broken values, restores nothing and says what does not fit
+    other = Policy.for_scenario(sc, hidden=4)
+    other_opt = torch.optim.Adam(other.parameters())
+    assert any("stored shape" in why for why in restore_adam_state(other_opt, other, adam_state(opt, policy)))
+    broken = adam_state(opt, policy)
+    broken["actor_head.bias.exp_avg"].fill_(float("nan"))
+    copy_opt = torch.optim.Adam(copy.parameters())
+    assert restore_adam_state(copy_opt, copy, broken) == ["actor_head.bias (values out of range)"]
+    assert not other_opt.state and not copy_opt.state
 
 
 def test_target_window_stops_when_the_mean_of_the_last_evaluations_reaches_the_target(tmp_path):

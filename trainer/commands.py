@@ -98,8 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "--recurrent come from it and may only repeat it). In simulation training, "
                                     "--scenario and the learning settings default to the stored run's, the budget "
                                     "is this run's own, the schedules (learning rate, entropy bonus) run again "
-                                    "over it, and the CSV log continues. The optimiser's state is not stored: "
-                                    "Adam starts afresh")
+                                    "over it, Adam continues from the moments stored with the version, and the "
+                                    "CSV log continues. From shards, Adam starts afresh")
     p.add_argument("--log-dir", help="CSV and PNG directory (default <models>/<name>/logs)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free port)")
     p.add_argument("--metrics-addr", help=f"with --metrics-port: the address to listen on (default "

@@ -182,6 +182,8 @@ def _train_offline(cfg: OfflineConfig, metrics, graceful: GracefulStop, held: co
         policy = Policy.for_scenario(sc, sharing=cfg.sharing, critic="local", hidden=cfg.hidden,
                                      agent_id=cfg.agent_id, unit_type=cfg.unit_type)
     policy = policy.to(dev).train()
+    # a fresh Adam even when resuming (and none stored): learning from a fixed log is another problem, with its own
+    # critic and targets, and an online run's moments would scale its first steps by that run's gradients
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
     data_d = {k: getattr(data, k).to(dev) for k in ("obs", "mask", "unit", "action", "behaviour_log_prob", "reward",
                                                     "has_next", "sample")}

@@ -377,6 +377,10 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop, held: contextlib.E
         model = nn.parallel.DistributedDataParallel(policy, forward_sync_buffers=False,
                                                     find_unused_parameters=policy.n_groups > 1)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+    if resumed_from is not None:
+        unrestored = _resume_adam(repo, cfg.name, resumed_from, optimizer, policy)
+        if unrestored and rank == 0:
+            print(f"train: note: Adam starts afresh: {unrestored}", file=sys.stderr)
     if rank or start_step:
         # every rank built the same network from one seed; its action noise must be its own, or rank 1 would
         # repeat rank 0's choices in its own games (and a resumed run the original run's first choices)
@@ -610,7 +614,8 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop, held: contextlib.E
                                     extra={"eval_episodes": cfg.eval_episodes, "eval_seed": cfg.seed,
                                            "eval_mean_return": ev["mean_return"], "samples": samples_before + samples,
                                            "minutes": round(minutes_before + elapsed / 60, 4), "resumed_from": resumed_from,
-                                           "training": {**training_settings(cfg), "world_size": world}})
+                                           "training": {**training_settings(cfg), "world_size": world}},
+                                    optimizer_state=adam_state(optimizer, policy))
                 row = {"steps": global_step, "minutes": round(minutes_before + elapsed / 60, 4),
                        "samples": samples_before + samples,
                        "win_rate": ev["win_rate"], "return": round(ev["mean_return"], 4),
@@ -719,6 +724,59 @@ def _other_spec(repo: ModelRepository, name: str, scenario) -> str | None:
             f"{scenario.spec_hash}): a service following {name!r} would switch to a model its games cannot talk "
             f"to. Train under another --name (or, if those versions are no longer wanted, delete "
             f"{repo.root / name} by hand)")
+
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def adam_state(optimizer: torch.optim.Adam, policy: Policy) -> dict[str, torch.Tensor]:
+    """A copy of Adam's state of each parameter, named after it (`actor_in.weight.exp_avg`, `.exp_avg_sq`,
+    `.step`): names rather than the optimizer's own positions, so a reader can tell whose moment is whose."""
+    out = {}
+    for name, p in policy.named_parameters():
+        state = optimizer.state.get(p)
+        if state:  # a parameter that never had a gradient has no state yet
+            for key in ADAM_KEYS:
+                out[f"{name}.{key}"] = torch.as_tensor(state[key], dtype=torch.float32).detach().to("cpu", copy=True)
+    return out
+
+
+def restore_adam_state(optimizer: torch.optim.Adam, policy: Policy, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Give a fresh Adam the stored state of every parameter, if all of it fits: for each parameter all three
+    tensors, its shape, finite, second moments >= 0, a whole step count >= 1, and nothing for parameters the
+    network lacks. Returns what does not fit; then nothing is restored (half a run's state is no run's state)."""
+    params = dict(policy.named_parameters())
+    unfit = [f"{name} (not the network's)" for name in sorted({key.rsplit(".", 1)[0] for key in tensors} - set(params))]
+    for name, p in params.items():
+        got = {key: tensors.get(f"{name}.{key}") for key in ADAM_KEYS}
+        if any(v is None for v in got.values()):
+            unfit.append(f"{name} (not stored)")
+        elif got["exp_avg"].shape != p.shape or got["exp_avg_sq"].shape != p.shape or got["step"].numel() != 1:
+            unfit.append(f"{name} (stored shape {tuple(got['exp_avg'].shape)}, the network's {tuple(p.shape)})")
+        elif (not all(bool(torch.isfinite(v).all()) for v in got.values()) or bool((got["exp_avg_sq"] < 0).any())
+              or float(got["step"]) < 1 or float(got["step"]) != int(float(got["step"]))):
+            unfit.append(f"{name} (values out of range)")
+    if unfit:
+        return unfit
+    for name, p in params.items():
+        optimizer.state[p] = {"step": torch.tensor(float(tensors[f"{name}.step"]), dtype=torch.float32),
+                              "exp_avg": tensors[f"{name}.exp_avg"].to(p.device, p.dtype, copy=True),
+                              "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(p.device, p.dtype, copy=True)}
+    return []
+
+
+def _resume_adam(repo: ModelRepository, name: str, version: int, optimizer: torch.optim.Adam,
+                 policy: Policy) -> str | None:
+    """Continue the stored run's Adam, its moments and step counts (fresh ones make a resumed run's first
+    updates as large as a new run's). None when restored, else why Adam starts afresh."""
+    try:
+        tensors = repo.load_optimizer_state(name, version)
+    except ModelLoadError as e:
+        return str(e)
+    if tensors is None:
+        return f"version {version} stores no optimizer state (written offline, or by an older Phalanx)"
+    unfit = restore_adam_state(optimizer, policy, tensors)
+    return f"version {version}'s optimizer state does not fit: {', '.join(unfit)}"[:600] if unfit else None
 
 
 def _save(repo: ModelRepository, name: str, policy: Policy, **kw) -> int:

@@ -1,4 +1,5 @@
-"""The model repository: `<root>/<name>/<version>/` holding `weights.safetensors` and `card.json`.
+"""The model repository: `<root>/<name>/<version>/` holding `weights.safetensors` and `card.json`, and from the
+trainer also `optimizer.safetensors` (its Adam moments, so that a resumed run continues them; nothing serves it).
 
 Versions are positive integers. A version is written into a temporary directory `<root>/<name>/.tmp-*`,
 flushed to disk, then renamed into place, so a reader never sees half a model. Loading never runs code:
@@ -33,6 +34,7 @@ from trainer.policy import Policy
 CARD_FORMAT = 1
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "card.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
 # The highest version number ever issued under a name, so that a number is never handed out twice: an operator
 # rolls back by removing a version directory, and the next save must not reuse its number for another model
 # (the service remembers refused numbers, and shards name the version that acted).
@@ -159,8 +161,9 @@ class ModelRepository:
         return handle
 
     def save(self, name: str, policy: Policy, *, scenario, step: int, eval_win_rate: float | None,
-             extra: dict | None = None) -> int:
-        """Write a new version (the next integer) atomically and return it."""
+             extra: dict | None = None, optimizer_state: dict[str, torch.Tensor] | None = None) -> int:
+        """Write a new version (the next integer) atomically and return it. `optimizer_state`: named tensors
+        the trainer wants back when it resumes from this version (`load_optimizer_state`)."""
         check_name(name)
         if (policy.obs_size, policy.state_size, policy.n_actions, policy.n_agents) != (
                 scenario.obs_size, scenario.state_size, scenario.n_actions, scenario.n_agents):
@@ -177,6 +180,9 @@ class ModelRepository:
         try:
             make_public(tmp)
             write_synced(tmp / WEIGHTS_FILE, st_save(tensors))
+            if optimizer_state:
+                write_synced(tmp / OPTIMIZER_FILE,
+                             st_save({k: v.detach().to("cpu").contiguous() for k, v in optimizer_state.items()}))
             for _attempt in range(1000):
                 taken = [int(e.name) for e in base.iterdir() if _VERSION_RE.match(e.name)]
                 version = max(taken + [self._last_issued(base)], default=0) + 1
@@ -284,6 +290,22 @@ class ModelRepository:
         policy = policy_from_card(card, path / CARD_FILE, weights=path / WEIGHTS_FILE)
         load_weights(policy, path / WEIGHTS_FILE)
         return LoadedModel(policy.to(device).eval(), card, version, path)
+
+    def load_optimizer_state(self, name: str, version: int) -> dict[str, torch.Tensor] | None:
+        """The optimizer state saved with a version, as named tensors; None when it has none (a version from
+        before such state was kept, or one written without it). Raises ModelLoadError when the file is there
+        but unreadable or not safetensors; what the tensors mean is the trainer's to check."""
+        path = self.load_card(name, version)[2] / OPTIMIZER_FILE
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise ModelUnreadable(f"{path}: cannot read optimizer state: {e}") from None
+        try:
+            return st_load(data)
+        except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
+            raise ModelLoadError(f"{path}: not a valid safetensors file (truncated or corrupt?): {e}") from None
 
     def lineage(self, name: str, card: dict) -> Iterator[dict]:
         """A version's card, then the cards of the versions it was resumed from, newest first, as far as they
