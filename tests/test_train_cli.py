@@ -77,8 +77,10 @@ def test_eval_baseline_needs_no_model(capsys):
      "--iterations applies to --from-shards"),
     (["train", "--scenario", "3m", "--models", "M", "--name", "x", "--target-window", "3"],
      "--target-window needs --target-win-rate"),
+    (["train", "--scenario", "3m", "--models", "M", "--name", "x", "--metrics-host", "0.0.0.0"],
+     "--metrics-host needs --metrics-port"),
     (["train", "--scenario", "3m", "--models", "M", "--name", "x", "--metrics-addr", "0.0.0.0"],
-     "--metrics-addr needs --metrics-port"),
+     "--metrics-host needs --metrics-port"),  # the flag's earlier name still works
     (["eval", "--scenario", "3m"], "give --models and --name"),
     (["eval", "--scenario", "3m", "--policy", "random", "--episodes", "0"], "--episodes must be >= 1"),
     (["eval", "--scenario", "nope", "--policy", "random"], "nope"),

@@ -102,8 +102,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "CSV log continues. From shards, Adam starts afresh")
     p.add_argument("--log-dir", help="CSV and PNG directory (default <models>/<name>/logs)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free port)")
-    p.add_argument("--metrics-addr", help=f"with --metrics-port: the address to listen on (default "
-                                           f"{d.metrics_addr})")
+    p.add_argument("--metrics-host", "--metrics-addr", dest="metrics_addr", metavar="HOST",
+                   help=f"with --metrics-port: the interface to listen on, as `serve --metrics-host` (default "
+                        f"{d.metrics_addr})")
     p.add_argument("--pushgateway", help="Prometheus Pushgateway URL, pushed at each evaluation and at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("offline training (learn from experience logged by `phalanx serve --experience-dir`)")
@@ -271,7 +272,7 @@ def train_config_from_args(args) -> "TrainConfig":
     if args.target_window is not None and args.target_win_rate is None:
         raise TrainError("--target-window needs --target-win-rate (the win rate its evaluations must reach)")
     if args.metrics_addr is not None and args.metrics_port is None:
-        raise TrainError("--metrics-addr needs --metrics-port (nothing is served without it)")
+        raise TrainError("--metrics-host needs --metrics-port (nothing is served without it)")
     card = stored_card(args)
     arch = architecture_from_args(args, TrainConfig, card)
     settings = {k: getattr(TrainConfig, k) for k in _OPTIONAL_FLAGS}
@@ -299,7 +300,7 @@ def offline_config_from_args(args) -> "OfflineConfig":
         ("--envs", args.envs is not None), ("--rollout", args.rollout is not None),
         ("--minutes", args.minutes), ("--target-win-rate", args.target_win_rate),
         ("--target-window", args.target_window), ("--eval-every", args.eval_every is not None),
-        ("--metrics-port", args.metrics_port), ("--metrics-addr", args.metrics_addr),
+        ("--metrics-port", args.metrics_port), ("--metrics-host", args.metrics_addr),
         ("--ent-coef-final", args.ent_coef_final is not None)) if given]
     if online_only:
         raise TrainError(f"--from-shards learns from logged single unit-steps with a local critic and no "
