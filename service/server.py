@@ -159,22 +159,31 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return _unit_response(out, request.request_id)
 
     async def ActStream(self, request_iterator, context):
-        """Reads requests as they come and answers them in order; many can be in flight at once."""
-        pending: asyncio.Queue = asyncio.Queue(self.stream_window)  # (request, rows, start, future | RequestError)
+        """Reads requests as they come and answers them in order; up to stream_window can be in flight at once."""
+        pending: asyncio.Queue = asyncio.Queue()  # (request, rows, start, future | RequestError), then None: the end
+        window = asyncio.Semaphore(self.stream_window)  # taken before a read, given back when its answer is taken up
         deadline = _deadline(context)
 
         async def read() -> None:
+            # Cancelled (a drain, or the call ended) only while it waits for room or for the next message, never
+            # while it holds one: whatever it has read is queued, and so is the end, with no await in between.
+            messages = aiter(request_iterator)
             try:
-                async for request in request_iterator:
+                while True:
+                    await window.acquire()
+                    try:
+                        request = await anext(messages)
+                    except StopAsyncIteration:
+                        return
                     start, rows = time.perf_counter(), None
                     try:
                         rows = unit_rows(request, self.holder.require())
                         item = self.batcher.enqueue(rows, deadline)
                     except RequestError as e:
                         item = e
-                    await pending.put((request, rows, start, item))
+                    pending.put_nowait((request, rows, start, item))
             finally:
-                await pending.put(None)
+                pending.put_nowait(None)
 
         reader = asyncio.create_task(read())
         self._stream_readers.add(reader)
@@ -184,6 +193,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         gone = False  # gRPC ended the call: its deadline passed, or the client went away
         try:
             while (entry := await pending.get()) is not None:
+                window.release()
                 current = entry
                 request, rows, start, item = entry
                 request_id = request.request_id

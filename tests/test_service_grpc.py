@@ -938,6 +938,44 @@ def test_graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones(service
     assert refused == grpc.StatusCode.UNAVAILABLE and stream_end == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.parametrize("half_closed", [False, True])
+def test_a_draining_stream_answers_every_request_it_read_and_ends_ok_at_once(service_repo, half_closed):
+    """A stream with a full window when the drain comes: its reader used to be cancelled while it held a request
+    already in the forward pass (computed, never answered, never counted), or while queueing the end of a
+    half-closed stream (which then hung until the grace period ran out and ended UNAVAILABLE)."""
+    root, scenario, _ = service_repo
+    obs, mask, _ = sim_inputs(scenario, games=1, steps=1)
+
+    async def main():
+        async with serving(root, stream_window=2) as running, AsyncClient(running.address) as client:
+            gate = Gate(running.batcher.forward)
+            running.batcher.forward = gate
+            call = client.stub.ActStream(timeout=60)
+            for i in range(1, 6):
+                await call.write(act_request(obs[0], mask[0], 0, greedy=True, request_id=i))
+            if half_closed:
+                await call.done_writing()
+            await asyncio.to_thread(gate.entered.wait, 10)
+            await wait_until(lambda: running.batcher.queued_rows + sum(gate.batches) >= 3, "a full window")
+            await asyncio.sleep(0.2)  # time to read on, had the window room for more
+            start = time.perf_counter()
+            stopping = asyncio.create_task(running.stop(grace=30))
+            await wait_until(lambda: running.draining, "draining")
+            gate.open.set()
+            answered = []
+            while (answer := await asyncio.wait_for(call.read(), 30)) is not grpc.aio.EOF:
+                answered.append(answer.request_id)
+            code = await call.code()
+            await stopping
+            counted = metric_samples(generate_latest(running.metrics.registry).decode())
+            return answered, code, time.perf_counter() - start, sum(gate.batches), counted
+
+    answered, code, seconds, computed, counted = asyncio.run(main())
+    assert answered == [1, 2, 3] and computed == 3  # one in the forward pass, the window's two: all answered
+    assert code == grpc.StatusCode.OK and seconds < 20  # not held until the 30 s grace ran out
+    assert counted[("phalanx_requests_total", (("code", "OK"), ("rpc", "ActStream")))] == 3
+
+
 # --- security -----------------------------------------------------------------------------------------------------
 
 def _self_signed(tmp_path):
