@@ -101,6 +101,7 @@ class Batcher:
         self._nonempty = asyncio.Event()
         self._full = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._in_flight: list[_Request] = []  # the batch in the forward pass: close() must answer it too
         self._buffers: dict[str, np.ndarray] = {}
         self._last_batch_requests = 0
 
@@ -151,11 +152,13 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
         error = RequestError(grpc.StatusCode.UNAVAILABLE, "server shutting down")
-        while self._queue:
-            req = self._queue.popleft()
+        for req in [*self._in_flight, *self._queue]:
             if not req.future.done():
                 req.future.set_exception(error)
+        self._in_flight = []
+        self._queue.clear()
         self._queued_rows = 0
+        self.metrics.queue_depth.set(0)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -185,9 +188,11 @@ class Batcher:
             if not batch:
                 continue
             started = time.perf_counter()
+            self._in_flight = batch
             try:
                 out, usable = await self._compute(batch)
             except Exception as e:  # noqa: BLE001 - every waiting caller must hear about it
+                self._in_flight = []
                 error = e if isinstance(e, RequestError) else RequestError(
                     grpc.StatusCode.INTERNAL, f"forward pass failed: {type(e).__name__}: {e}")
                 if not isinstance(e, RequestError):
@@ -196,6 +201,7 @@ class Batcher:
                     if not req.future.done():
                         req.future.set_exception(error)
                 continue
+            self._in_flight = []
             self.metrics.compute_time.observe(time.perf_counter() - started)
             self._answer(batch, out, usable, started)
 

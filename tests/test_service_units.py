@@ -265,6 +265,23 @@ def test_batcher_close_fails_waiting_callers_with_unavailable():
     assert all(isinstance(e, RequestError) and e.code == grpc.StatusCode.UNAVAILABLE for e in errors)
 
 
+def test_batcher_close_fails_the_batch_in_the_forward_pass_too():
+    async def stuck(obs, mask, unit, greedy):
+        await asyncio.sleep(60)
+
+    async def main():
+        b = Batcher(stuck, max_batch_size=1, metrics=ServiceMetrics(CollectorRegistry()))
+        b.start()
+        computing = b.enqueue(_rows(1.0))
+        await asyncio.sleep(0.05)  # now inside the forward pass
+        waiting = b.enqueue(_rows(2.0))
+        await b.close()
+        return await asyncio.wait_for(asyncio.gather(computing, waiting, return_exceptions=True), 10)
+
+    errors = asyncio.run(main())  # the batch in the forward pass used to wait forever
+    assert all(isinstance(e, RequestError) and e.code == grpc.StatusCode.UNAVAILABLE for e in errors)
+
+
 def test_a_lone_caller_does_not_wait_for_the_delay():
     async def main():
         fwd = _Recorder()
