@@ -345,7 +345,7 @@ class ActStream:
                 resp = self._inbox.get(timeout=self.answer_timeout)
             except queue.Empty:
                 # A late answer would be taken for the next request's: the stream cannot go on.
-                self._responses.cancel()
+                self._abandon()
                 raise StreamError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {self.answer_timeout} s "
                                                                      "(answer_timeout); the stream is cancelled") from None
             if isinstance(resp, grpc.RpcError):
@@ -386,6 +386,14 @@ class ActStream:
         for _ in self._responses:  # drain until the server closes its side
             pass
 
+    def _abandon(self) -> None:
+        """Cancel the call, and end the request iterator too: gRPC's thread that sends the requests would
+        otherwise wait on it for good (a thread lost per abandoned stream)."""
+        if not self._closed:
+            self._closed = True
+            self._outbox.put(_END)
+        self._responses.cancel()
+
     def __enter__(self):
         return self
 
@@ -393,7 +401,7 @@ class ActStream:
         if exc[0] is None:
             self.close()
         else:
-            self._responses.cancel()
+            self._abandon()
 
 
 class AsyncClient:

@@ -863,6 +863,35 @@ def test_play_over_a_stream_ends_with_one_line_when_the_server_fails_it(capsys, 
     assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
 
 
+def test_streams_the_sync_client_abandons_leave_no_thread_behind(service_repo):
+    """A stream left by an exception (or an answer_timeout) is cancelled; gRPC's thread that sends its requests
+    used to wait for more of them for good, one thread lost per abandoned stream."""
+    root, scenario, _ = service_repo
+    obs, mask, _ = sim_inputs(scenario, games=1, steps=1)
+
+    def abandon_streams(address: str) -> tuple[int, int]:
+        with Client(address, retries=0) as client:
+            with client.stream() as stream:  # one clean stream first: whatever gRPC starts once is running
+                stream.act_many([act_request(obs[0], mask[0], 0)])
+            before = threading.active_count()
+            for _ in range(5):
+                with contextlib.suppress(KeyError), client.stream() as stream:
+                    stream.act_many([act_request(obs[0], mask[0], 0)])
+                    raise KeyError("the caller's own error, inside the with block")
+            for _ in range(100):  # a cancelled call's threads end within moments (bounded: 5 s)
+                if threading.active_count() <= before:
+                    break
+                time.sleep(0.05)
+            return before, threading.active_count()
+
+    async def main():
+        async with serving(root) as running:
+            return await asyncio.to_thread(abandon_streams, running.address)
+
+    before, after = asyncio.run(main())
+    assert after <= before, f"{after - before} threads left by 5 abandoned streams"
+
+
 def test_the_sync_client_stream_gives_up_on_an_answer_after_answer_timeout():
     """A stream whose server never answers: recv() raises DEADLINE_EXCEEDED after answer_timeout instead of
     blocking the game loop forever, and the stream is cancelled (a late answer would be taken for the next)."""
