@@ -204,7 +204,6 @@ class ExperienceLog:
         n = rows.obs.shape[0]
         if self._skip(request.game_id, n):
             return
-        obs = np.array(rows.obs, dtype=np.float32)  # own the memory: the request's bytes are not kept alive
         rewards = (np.frombuffer(request.prev_rewards.data, "<f4").tolist() if request.HasField("prev_rewards")
                    else [0.0] * n)
         dones = (np.frombuffer(request.prev_dones.data, np.uint8).tolist() if request.HasField("prev_dones")
@@ -212,7 +211,7 @@ class ExperienceLog:
         units, actions = rows.unit.tolist(), out.action.tolist()
         log_probs, values, greedy = out.log_prob.tolist(), out.value.tolist(), rows.greedy.tolist()
         for i in range(n):
-            self._step(request.game_id, request.episode_id, units[i], obs[i], rows.mask[i], actions[i], log_probs[i],
+            self._step(request.game_id, request.episode_id, units[i], rows.obs[i], rows.mask[i], actions[i], log_probs[i],
                        values[i], greedy[i], out.version, rewards[i], bool(dones[i]))
 
     def _skip(self, game_id: str, n: int) -> bool:
@@ -242,8 +241,9 @@ class ExperienceLog:
         if trajectory is None:
             trajectory = self._next_trajectory
             self._next_trajectory += 1
-        self._waiting[key] = _Waiting(game_id, episode_id, unit_id, trajectory, step, obs, mask, action, log_prob,
-                                      value, greedy, version)
+        # the step's own copies: a view would keep the whole request (or frame) alive while the unit waits
+        self._waiting[key] = _Waiting(game_id, episode_id, unit_id, trajectory, step, np.array(obs, np.float32),
+                                      np.array(mask, bool), action, log_prob, value, greedy, version)
         if len(self._waiting) > self.max_open:
             _, stalest = self._waiting.popitem(last=False)
             self.metrics.experience_evictions.inc()

@@ -7,8 +7,10 @@ requests of every RPC kind and checks that a clean shutdown writes every answere
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
+import weakref
 
 import numpy as np
 import pyarrow as pa
@@ -159,6 +161,28 @@ def test_open_trajectories_are_capped_by_evicting_the_stalest(tmp_path):
     assert sorted(r["unit_id"] for r in evicted) == list(range(7))
     assert [r["reward"] for r in rows if r["unit_id"] == 9 and int(r["obs"][2]) == 0] == [5.0]
     assert len(rows) == 12  # ten first steps, two second steps: nothing served is lost
+
+
+def test_waiting_steps_keep_none_of_the_request_arrays_alive(tmp_path):
+    """A unit waits for its reward with its own row: a view would pin the whole frame (or request) it came in,
+    so a game of 4,096 units whose dead units are no longer sent pinned a frame per dead unit (20 MB in 40)."""
+    log, _ = make_log(tmp_path)
+    frames = []
+    for units in (np.arange(8), np.array([3])):  # an ActBatch frame, then a one-unit Act
+        k = len(units)
+        rows = Rows(np.ones((k, O), np.float32), np.ones((k, N), bool), units, np.zeros(k, bool))
+        out = Outputs(7, np.ones(k, np.int64), np.zeros(k, np.float32), np.zeros(k, np.float32),
+                      np.zeros(k, np.float32))
+        if k > 1:
+            log.record_frame(pb.ActBatchRequest(game_id="game-1"), rows, out)
+        else:
+            log.record_unit(act_request(np.ones(O, np.float32), np.ones(N, bool), 3, game_id="game-2"), rows, out)
+        frames.append([weakref.ref(rows.obs), weakref.ref(rows.mask)])
+        del rows
+    gc.collect()
+    assert [[ref() is None for ref in refs] for refs in frames] == [[True, True], [True, True]]
+    asyncio.run(log.close())
+    assert len(pq.read_table(tmp_path / "exp")) == 9  # and every step is still written
 
 
 def test_requests_without_game_id_are_counted_not_logged(tmp_path):
