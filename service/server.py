@@ -536,8 +536,11 @@ async def start_server(config: ServeConfig, registry: CollectorRegistry | None =
     try:
         await running._start()
     except BaseException:
-        if running.process is not None:  # no orphaned forward worker
-            await running.process.close()
+        # nothing left behind: no orphaned forward worker, no /metrics port held, no writer thread
+        try:
+            await running.stop(grace=0)
+        except Exception:  # noqa: BLE001 - the start's own error is the one to report
+            log.exception("cleaning up after a failed start")
         raise
     return running
 

@@ -1092,6 +1092,24 @@ def test_bearer_token_auth(service_repo, tmp_path):
 
 # --- metrics ---------------------------------------------------------------------------------------------------
 
+def test_a_start_that_fails_gives_back_the_metrics_port(service_repo, monkeypatch):
+    """A start that fails after /metrics listens (here: loading the model) used to leave that port held by an
+    HTTP server nobody would stop, for as long as the process (an embedding program, a test run) lived."""
+    root, _, _ = service_repo
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def broken_load(self):
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr("service.model_holder.ModelHolder.load_initial", broken_load)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        asyncio.run(start_server(ServeConfig(models=root, name="m", port=0, metrics_port=port), CollectorRegistry()))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # free again
+
+
 def test_metrics_are_served_on_the_metrics_port(service_repo):
     root, scenario, _ = service_repo
     obs, mask, unit = sim_inputs(scenario, games=2, steps=1)
