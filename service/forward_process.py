@@ -199,14 +199,20 @@ class WorkerStartError(RuntimeError):
     """The forward worker process did not come up (or did not say it was ready)."""
 
 
+class WorkerHung(ConnectionError):
+    """The forward worker process did not answer in time (stopped, deadlocked, swapped out): it was killed."""
+
+
 class ProcessForward:
     """The batcher's forward pass, run by a child process: `await forward(model, obs, mask, unit, greedy)`.
 
     Start on the event loop (`await start()`); `preload(model)` is for the model holder's loading thread.
     """
 
-    def __init__(self, *, threads: int = 1, seed: int = 0, start_timeout: float = 120.0):
-        self.threads, self.seed, self.start_timeout = threads, seed, start_timeout
+    def __init__(self, *, threads: int = 1, seed: int = 0, start_timeout: float = 120.0, reply_timeout: float = 30.0):
+        # reply_timeout: every reply comes at once (a forward pass takes milliseconds; a LOAD builds in a thread
+        # after its OKAY), so a child silent that long is stuck, and every caller would wait with it
+        self.threads, self.seed, self.start_timeout, self.reply_timeout = threads, seed, start_timeout, reply_timeout
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self._reader: asyncio.StreamReader | None = None
@@ -257,8 +263,17 @@ class ProcessForward:
         return kind, a, b, await self._reader.readexactly(length)
 
     async def _exchange(self, message: bytes) -> tuple[bytes, int, int, bytes]:
+        """Send one message and read its reply (caller holds the lock); a child that does not reply within
+        reply_timeout is killed, and the next exchange starts a new one."""
         self._writer.write(message)
-        return await self._read_reply()
+        try:
+            return await asyncio.wait_for(self._read_reply(), self.reply_timeout)
+        except asyncio.TimeoutError:
+            pid = None if self.proc is None else self.proc.pid
+            log.error("forward worker process %s did not answer within %g s; killing it", pid, self.reply_timeout)
+            await self._kill()
+            raise WorkerHung(f"the forward worker process did not answer within {self.reply_timeout:g} s and was "
+                             "replaced") from None
 
     async def _start_load(self, model) -> None:
         """Send one version to the child, which starts building it (caller holds the lock)."""
@@ -358,8 +373,8 @@ class ProcessForward:
                 kind, a, _, payload = await self._exchange(message)
             except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
                 await self._kill()  # the next batch starts a new worker
-                raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                                   f"the forward worker process died ({type(e).__name__}); retry") from None
+                why = str(e) if isinstance(e, WorkerHung) else f"the forward worker process died ({type(e).__name__})"
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{why}; retry") from None
             except WorkerStartError as e:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{e}; retry") from None
         if kind != b"OUT_" or a != rows:

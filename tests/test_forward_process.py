@@ -101,6 +101,41 @@ def test_the_worker_answers_like_the_policy_follows_versions_and_replaces_itself
     assert restarts == 1 and new_pid
 
 
+def test_a_worker_that_stops_answering_is_replaced_and_its_batch_fails_unavailable(sc):
+    """A child alive but stuck (here: stopped) used to hold every batch after it for good, while health said
+    SERVING; now it gets reply_timeout, then is killed and the next batch starts a new one."""
+    v1 = _model(sc, 1, seed=1)
+    obs, mask, unit = _rows(sc, 8)
+    greedy = np.ones(8, dtype=bool)
+
+    async def main():
+        pf = ProcessForward(reply_timeout=1.0)
+        await pf.start()
+        try:
+            await pf.load(v1)
+            pid = pf.proc.pid
+            os.kill(pid, signal.SIGSTOP)
+            with pytest.raises(RequestError) as stuck:
+                await asyncio.wait_for(pf(v1, obs, mask, unit, greedy), 30)
+            after = await pf(v1, obs, mask, unit, greedy)
+            return stuck.value, after, pf.restarts, pf.proc.pid != pid, _exited(pid)
+        finally:
+            await pf.close()
+
+    stuck, after, restarts, new_pid, old_gone = asyncio.run(main())
+    assert stuck.code == grpc.StatusCode.UNAVAILABLE and "did not answer within 1 s" in stuck.message
+    assert after.action.tolist() == _local(v1, obs, mask, unit)[0].tolist()
+    assert restarts == 1 and new_pid and old_gone
+
+
+def _exited(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def test_the_child_refuses_malformed_runs_and_unknown_versions(sc):
     child = _Child(threads=1, seed=0)
     model = _model(sc, 3, seed=3)
