@@ -305,12 +305,16 @@ class ProcessForward:
 
         async def start() -> None:
             async with self._lock:
+                if self._closed:  # close() took the lock first: no new worker after it
+                    raise RuntimeError("the forward worker is shut down")
                 if self._dead():
                     await self._respawn()
                 await self._start_load(model)
 
         async def poll() -> bool:
             async with self._lock:
+                if self._closed:
+                    raise RuntimeError("the forward worker is shut down")
                 if self._dead():
                     raise RuntimeError(f"the forward worker exited while loading version {model.version}")
                 return await self._loaded_yet(model)
@@ -361,6 +365,8 @@ class ProcessForward:
             np.ascontiguousarray(obs, "<f4").tobytes(), np.ascontiguousarray(mask, np.bool_).tobytes(),
             np.ascontiguousarray(unit, "<i8").tobytes(), np.ascontiguousarray(greedy, np.bool_).tobytes())))
         async with self._lock:
+            if self._closed:  # close() took the lock first: no new worker after it
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "server shutting down")
             try:
                 if self._dead():
                     await self._respawn()

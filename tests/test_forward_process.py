@@ -128,6 +128,25 @@ def test_a_worker_that_stops_answering_is_replaced_and_its_batch_fails_unavailab
     assert restarts == 1 and new_pid and old_gone
 
 
+def test_a_load_that_loses_the_race_with_close_starts_no_new_worker(sc):
+    """close() can take the worker between a load's first check and its first message (the model holder loads
+    from its own thread while the server stops): the load found no worker and started a new one, which
+    outlived the server."""
+    v1 = _model(sc, 1, seed=1)
+
+    async def main():
+        pf = ProcessForward()
+        await pf.start()
+        loading = asyncio.create_task(pf.load(v1))
+        closing = asyncio.create_task(pf.close())  # runs before the load's first exchange takes the lock
+        await closing
+        with pytest.raises(RuntimeError, match="shut down"):
+            await loading
+        return pf.proc
+
+    assert asyncio.run(main()) is None
+
+
 def _exited(pid: int) -> bool:
     try:
         os.kill(pid, 0)
