@@ -11,6 +11,9 @@ event loop. A step's reward and done arrive with the NEXT request of the same un
 - `prev_done` true ends the trajectory with the waiting step (done); the request's own step starts a new
   trajectory. A new `episode_id` without `prev_done` also starts a new trajectory, but how the old one ended is
   unknown: its waiting step is written `truncated`. Absent `prev_reward` / `prev_done` count as 0 / false.
+- A request that gets no answer (refused, shed, expired, cancelled) logs no step, but its `prev_reward` /
+  `prev_done` complete the waiting step, written `truncated` unless done: the unit's next answered step starts
+  a new trajectory (it is not the waiting step's successor, and its reward is not the waiting step's).
 - Requests without a `game_id` are not logged (a unit's steps could not be told apart across games); they are
   counted as dropped rows with reason `no_game_id`.
 - A trajectory's rows carry (game_id, episode_id, unit_id), a trajectory number unique within this run, and the
@@ -38,6 +41,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -84,6 +88,14 @@ _COLUMNS = (("episode_id", np.uint64), ("unit_id", np.int32), ("trajectory", np.
             ("action", np.int32), ("log_prob", np.float32), ("value", np.float32), ("greedy", bool),
             ("reward", np.float32), ("done", bool), ("truncated", bool), ("model_version", np.uint64),
             ("game_index", np.int32))
+
+
+def _frame_prev(request: pb.ActBatchRequest, n: int) -> tuple[list[float], list[int]]:
+    """A validated frame's prev_rewards and prev_dones, one per row (0 where the frame sends none)."""
+    rewards = (np.frombuffer(request.prev_rewards.data, "<f4").tolist() if request.HasField("prev_rewards")
+               else [0.0] * n)
+    dones = np.frombuffer(request.prev_dones.data, np.uint8).tolist() if request.HasField("prev_dones") else [0] * n
+    return rewards, dones
 
 
 class ExperienceLog:
@@ -204,15 +216,40 @@ class ExperienceLog:
         n = rows.obs.shape[0]
         if self._skip(request.game_id, n):
             return
-        rewards = (np.frombuffer(request.prev_rewards.data, "<f4").tolist() if request.HasField("prev_rewards")
-                   else [0.0] * n)
-        dones = (np.frombuffer(request.prev_dones.data, np.uint8).tolist() if request.HasField("prev_dones")
-                 else [0] * n)
+        rewards, dones = _frame_prev(request, n)
         units, actions = rows.unit.tolist(), out.action.tolist()
         log_probs, values, greedy = out.log_prob.tolist(), out.value.tolist(), rows.greedy.tolist()
         for i in range(n):
             self._step(request.game_id, request.episode_id, units[i], rows.obs[i], rows.mask[i], actions[i], log_probs[i],
                        values[i], greedy[i], out.version, rewards[i], bool(dones[i]))
+
+    # A request that got no answer (refused, shed, expired, cancelled) logs no step. The reward it carried still
+    # belongs to its units' waiting steps, and those steps have no successor: they end here, so the next answered
+    # step starts a new trajectory instead of taking the next reward and being bootstrapped as their next state.
+    def unanswered_unit(self, request: pb.ActRequest) -> None:
+        """An Act / ActStream request that got no answer."""
+        if self.closed or not request.game_id:
+            return
+        reward = request.prev_reward if request.HasField("prev_reward") else 0.0
+        self._cut(request.game_id, request.unit_id, reward,
+                  request.HasField("prev_done") and request.prev_done)
+
+    def unanswered_frame(self, request: pb.ActBatchRequest, rows: Rows | None) -> None:
+        """An ActBatch frame that got no answer; `rows` None: it failed validation, so its units are unknown."""
+        if self.closed or not request.game_id or rows is None:
+            return
+        rewards, dones = _frame_prev(request, rows.unit.shape[0])
+        for unit, reward, done in zip(rows.unit.tolist(), rewards, dones):
+            self._cut(request.game_id, unit, reward, bool(done))
+
+    def _cut(self, game_id: str, unit_id: int, reward: float, done: bool) -> None:
+        waiting = self._waiting.pop((game_id, unit_id), None)
+        if waiting is None:
+            return
+        if not math.isfinite(reward):  # the request was refused for it: no reward is known
+            reward, done = 0.0, False
+        self._complete(waiting, reward, done, truncated=not done)  # done: a whole step, as a sample needs
+        self.metrics.experience_open.set(len(self._waiting))
 
     def _skip(self, game_id: str, n: int) -> bool:
         if self.closed:

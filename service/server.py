@@ -32,7 +32,7 @@ from service.experience import ExperienceLog
 from service.forward_process import ProcessForward
 from service.metrics import ServiceMetrics, start_metrics_server
 from service.model_holder import ModelHolder
-from service.validation import RequestError, frame_rows, unit_rows
+from service.validation import RequestError, Rows, frame_rows, unit_rows
 from trainer.repository import ModelRepository
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         for reader in self._stream_readers:
             reader.cancel()
 
+    def _unanswered(self, request: pb.ActRequest | pb.ActBatchRequest, rows: Rows | None = None) -> None:
+        """A request that gets no answer logs no step, and ends its units' waiting steps (experience log)."""
+        if self.experience is None:
+            return
+        if isinstance(request, pb.ActBatchRequest):
+            self.experience.unanswered_frame(request, rows)
+        else:
+            self.experience.unanswered_unit(request)
+
     async def Act(self, request: pb.ActRequest, context) -> pb.ActResponse:
         start = time.perf_counter()
         try:
@@ -149,9 +158,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 await self.experience.room()  # a disk behind holds the answer back (nothing awaited after it)
         except RequestError as e:
             self.metrics.answered("Act", e.code, time.perf_counter() - start)
+            self._unanswered(request)
             await context.abort(e.code, e.message)
         except asyncio.CancelledError:  # the deadline passed or the client went away: gRPC ended the call
             self.metrics.answered("Act", _why_cancelled(context), time.perf_counter() - start)
+            self._unanswered(request)
             raise
         self.metrics.answered("Act", OK, time.perf_counter() - start, 1)
         if self.experience is not None:
@@ -206,6 +217,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 except RequestError as e:
                     current = None
                     self.metrics.answered("ActStream", e.code, time.perf_counter() - start)
+                    self._unanswered(request)
                     yield pb.ActResponse(request_id=request_id, error=pb.Error(code=e.code.value[0], message=e.message))
                     continue
                 current = None
@@ -232,9 +244,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 code, now = _why_cancelled(context), time.perf_counter()
                 for entry in unanswered:
                     self.metrics.answered("ActStream", code, now - entry[2])
+                    self._unanswered(entry[0])
 
     async def ActBatch(self, request: pb.ActBatchRequest, context) -> pb.ActBatchResponse:
-        start = time.perf_counter()
+        start, rows = time.perf_counter(), None
         try:
             rows = frame_rows(request, self.holder.require())
             out = await self.batcher.submit(rows, _deadline(context))
@@ -242,9 +255,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 await self.experience.room(len(rows.unit))  # a disk behind holds the answer back (nothing awaited after)
         except RequestError as e:
             self.metrics.answered("ActBatch", e.code, time.perf_counter() - start)
+            self._unanswered(request, rows)
             await context.abort(e.code, e.message)
         except asyncio.CancelledError:
             self.metrics.answered("ActBatch", _why_cancelled(context), time.perf_counter() - start)
+            self._unanswered(request, rows)
             raise
         response = pb.ActBatchResponse(
             actions=_tensor(out.action.astype("<i4"), pb.DATA_TYPE_INT32),

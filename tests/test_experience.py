@@ -12,6 +12,7 @@ import json
 import random
 import weakref
 
+import grpc
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -279,6 +280,27 @@ def test_reader_marks_samples_bootstraps_and_greedy_behaviour(tmp_path):
     assert data.behaviour_log_prob.tolist() == [-0.5] * 6  # sampled: the logged log-prob
 
 
+def test_a_step_that_got_no_answer_ends_the_trajectory_before_it_with_its_own_reward(tmp_path):
+    """A request refused (or shed, or expired) logs no step; the reward it carried is the waiting step's, which
+    used to take the next answered request's reward instead and be linked to that step as its successor."""
+    log, _ = make_log(tmp_path)
+    unit_step(log, "game-0", 0, 0)
+    unit_step(log, "game-0", 0, 1, prev_reward=10.0)
+    log.unanswered_unit(act_request(np.zeros(O, np.float32), np.ones(N, bool), 0, game_id="game-0",
+                                    prev_reward=11.0))  # step 2 got no answer: 11 is step 1's reward
+    unit_step(log, "game-0", 0, 3, prev_reward=12.0)  # 12 rewarded the fallback of step 2, which is not logged
+    unit_step(log, "game-0", 0, 4, prev_reward=13.0, prev_done=True)
+    log.unanswered_frame(batch_request(np.zeros((1, O), np.float32), np.ones((1, N), bool), np.array([0]),
+                                       game_id="game-0"), None)  # unknown units: nothing to end
+    asyncio.run(log.close())
+    data = read_shards(tmp_path / "exp")
+    steps = data.obs[:, 2].tolist()  # unit_step names each step in its observation
+    assert steps == [0.0, 1.0, 3.0, 4.0]
+    assert data.reward.tolist() == [10.0, 11.0, 13.0, 0.0]  # step 1 kept its own reward (12 went nowhere)
+    assert data.has_next.tolist() == [True, False, False, False]  # step 1 is not followed by step 3
+    assert data.done.tolist() == [False, False, True, False]  # step 3 ended the episode; step 4 waited at close
+
+
 # --- the real service -----------------------------------------------------------------------------------------
 
 def test_clean_shutdown_writes_every_answered_step_of_every_rpc(service_repo, tmp_path):
@@ -348,6 +370,34 @@ def slow_disk(monkeypatch, before_each_write) -> None:
         return real_write(*args, **kw)
 
     monkeypatch.setattr(experience, "write_shard", write)
+
+
+def test_a_refused_request_gives_its_reward_to_the_step_before_it(service_repo, tmp_path):
+    """Through the service: a unit's third Act is refused (a NaN in its observation) but carries the second
+    step's reward; the fourth's reward is for a step the log never saw."""
+    root, scenario, _ = service_repo
+    obs, mask = np.zeros(scenario.obs_size, np.float32), np.ones(scenario.n_actions, bool)
+    bad = obs.copy()
+    bad[0] = np.nan
+    experience = tmp_path / "experience"
+
+    async def main():
+        running = await start_server(ServeConfig(models=root, name="m", port=0, poll_seconds=0,
+                                                 experience_dir=experience), CollectorRegistry())
+        try:
+            async with AsyncClient(running.address, retries=0) as client:
+                await client.act(obs, mask, 0, game_id="g")
+                await client.act(obs, mask, 0, game_id="g", prev_reward=1.0)
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await client.act(bad, mask, 0, game_id="g", prev_reward=2.0)
+                await client.act(obs, mask, 0, game_id="g", prev_reward=3.0)
+        finally:
+            await running.stop(grace=0)
+
+    asyncio.run(main())
+    rows = sorted(pq.read_table(experience).to_pylist(), key=lambda r: (r["trajectory"], r["step"]))
+    assert [(r["reward"], r["truncated"]) for r in rows] == [(1.0, False), (2.0, True), (0.0, True)]
+    assert [r["step"] for r in rows] == [0, 1, 0] and rows[2]["trajectory"] != rows[1]["trajectory"]  # anew
 
 
 def test_a_disk_that_falls_behind_slows_logging_requests_but_loses_nothing(tmp_path, monkeypatch):

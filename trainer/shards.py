@@ -16,7 +16,8 @@ Spark). Columns (O = obs_size, N = n_actions of the spec):
     greedy         bool                  the action was the argmax (the behaviour was deterministic)
     reward         float32               the reward of this step (arrived with the unit's next request)
     done           bool                  the unit's episode ended with this step
-    truncated      bool                  the reward never arrived (flushed at shutdown or evicted): reward is 0,
+    truncated      bool                  the unit's next step is not logged (flushed at shutdown, evicted, or its
+                                         request got no answer): reward 0, or the one that request carried;
                                          the row only bootstraps the value of the step before it
     model_version  uint64                the model version that answered
     spec_hash      string (dictionary)   the observation/action spec's content hash
