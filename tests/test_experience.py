@@ -234,6 +234,18 @@ def test_truncated_or_corrupt_shards_are_refused_naming_the_file(one_shard, tmp_
         read_shards(tmp_path / "missing.parquet")
 
 
+def test_a_shard_named_twice_is_read_once_and_a_copy_is_refused(one_shard, tmp_path):
+    """The same experience read twice counted its samples twice and, its rows no longer one step apart, cut
+    every trace in it; both without a word."""
+    once = read_shards(one_shard.parent)
+    twice = read_shards([one_shard.parent, one_shard, one_shard.parent / "." / one_shard.name])
+    assert (twice.rows, twice.samples, twice.files) == (once.rows, once.samples, once.files) == (3, 2, [str(one_shard)])
+    copy = one_shard.parent / "copy.parquet"
+    copy.write_bytes(one_shard.read_bytes())
+    with pytest.raises(ShardError, match=r"\.parquet and .*copy\.parquet both hold step 0 of one trajectory"):
+        read_shards(one_shard.parent)
+
+
 def test_wrong_schema_format_or_spec_is_refused(one_shard, tmp_path):
     table = pq.read_table(one_shard)
     meta = json.loads(table.schema.metadata[METADATA_KEY])

@@ -196,17 +196,23 @@ class Experience:
 
 
 def shard_files(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """A directory's `*.parquet` files (sorted; `.tmp-*` ignored), or the given file(s)."""
+    """A directory's `*.parquet` files (sorted; `.tmp-*` ignored), or the given file(s); each file once, however
+    many of the sources name it."""
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     files: list[Path] = []
     for s in sources:
         p = Path(s)
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix == SUFFIX and not f.name.startswith(TMP_PREFIX))
+            try:
+                files += sorted(f for f in p.iterdir() if f.suffix == SUFFIX and not f.name.startswith(TMP_PREFIX)
+                                and f.is_file())
+            except OSError as e:
+                raise ShardError(f"{p}: cannot list the directory: {e.strerror or e}") from None
         elif p.is_file():
             files.append(p)
         else:
             raise ShardError(f"{p}: no such shard file or directory")
+    files = list({f.resolve(): f for f in reversed(files)}.values())[::-1]  # the first naming of each file
     if not files:
         raise ShardError(f"no shard files (*{SUFFIX}) in {', '.join(str(s) for s in sources)} (a service logging "
                          f"there writes one when a chunk fills, every --experience-flush-seconds (60 s by default), "
@@ -277,7 +283,7 @@ def read_shards(source: str | os.PathLike | Iterable[str | os.PathLike], *, spec
     first: dict | None = None
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("unit_id", "step", "obs", "mask", "action", "log_prob",
                                                           "greedy", "reward", "done", "truncated",
-                                                          "model_version", "traj")}
+                                                          "model_version", "traj", "file")}
     runs: dict[str, int] = {}
     for path in files:
         meta, table = _read_one(path, spec_hash)
@@ -307,8 +313,9 @@ def read_shards(source: str | os.PathLike | Iterable[str | os.PathLike], *, spec
             raise ShardError(f"{path}: unit_id must be >= 0")
         run = runs.setdefault(meta["run_id"], len(runs))
         parts["traj"].append((np.int64(run) << 40) + cols["trajectory"].astype(np.int64))
+        parts["file"].append(np.full(len(action), len(parts["file"]), np.int64))
         for name in parts:
-            if name != "traj":
+            if name not in ("traj", "file"):
                 parts[name].append(cols[name])
     assert first is not None
     p = {k: np.concatenate(v) for k, v in parts.items()}
@@ -321,6 +328,12 @@ def read_shards(source: str | os.PathLike | Iterable[str | os.PathLike], *, spec
     if len(order) > 1:
         same_next[:-1] = (p["traj"][1:] == p["traj"][:-1]) & (p["step"][1:].astype(np.int64) ==
                                                               p["step"][:-1].astype(np.int64) + 1)
+        twice = np.flatnonzero((p["traj"][1:] == p["traj"][:-1]) & (p["step"][1:] == p["step"][:-1]))
+        if len(twice):  # the same experience read twice would count its samples twice and cut its traces
+            a, b = (files[int(p["file"][i])] for i in (twice[0], twice[0] + 1))
+            where = f"{a} and {b} both hold" if a != b else f"{a} holds twice"
+            raise ShardError(f"{where} step {int(p['step'][twice[0]])} of one trajectory (run "
+                             f"{list(runs)[int(p['traj'][twice[0]]) >> 40]}): a shard copied under another name?")
     done = p["done"] & ~p["truncated"]
     has_next = same_next & ~done & ~p["truncated"]
     sample = ~p["truncated"] & (done | has_next)
