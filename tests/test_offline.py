@@ -127,6 +127,31 @@ def test_offline_learner_prefers_the_action_the_log_rewarded(tmp_path):
     assert start == ModelRepository(tmp_path / "models").load("off", 1).card["eval_win_rate"]
 
 
+def test_a_log_whose_clients_never_sent_a_reward_is_warned_about(tmp_path, capsys):
+    """Absent prev_reward / prev_done count as 0 / false, so a client that never sends them logs samples that
+    pass every check; all-zero rewards with no episode end is said out loud."""
+    sc = load_scenario("3m")
+    rows = 64
+    two_steps = np.arange(rows) % 2  # trajectories of two steps, the second still waiting at shutdown
+    chunk = Chunk(game_ids=["g"], game_index=np.zeros(rows, np.int32), episode_id=np.zeros(rows, np.uint64),
+                  unit_id=np.zeros(rows, np.int32), trajectory=(np.arange(rows) // 2).astype(np.uint64),
+                  step=two_steps.astype(np.uint32), obs=np.zeros((rows, sc.obs_size), np.float32),
+                  mask=np.ones((rows, sc.n_actions), bool), action=np.ones(rows, np.int32),
+                  log_prob=np.full(rows, -1.0, np.float32), value=np.zeros(rows, np.float32),
+                  greedy=np.zeros(rows, bool), reward=np.zeros(rows, np.float32), done=np.zeros(rows, bool),
+                  truncated=two_steps.astype(bool), model_version=np.ones(rows, np.uint64))
+    write_shard(tmp_path / "shards", "silent", chunk_table(chunk, spec_name=sc.name, spec_hash=sc.spec_hash,
+                                                            run_id="silent"))
+    cfg = OfflineConfig(shards=(str(tmp_path / "shards"),), models=str(tmp_path / "models"), name="off",
+                        scenario="3m", hidden=8, iterations=1, critic_warmup=0, epochs=1, eval_episodes=2,
+                        progress=False)
+    train_offline(cfg)
+    assert "all 32 samples have reward 0 and no episode ended" in capsys.readouterr().err
+    synthetic_shards(tmp_path / "rewarded", sc)  # a log with rewards: no warning
+    train_offline(dataclasses.replace(cfg, shards=(str(tmp_path / "rewarded"),), name="rewarded"))
+    assert "reward 0" not in capsys.readouterr().err
+
+
 class _SignalAtIteration:
     """Training metrics that send this process a signal when iteration `at` (1-based, warm-up included) is logged:
     a Ctrl-C or `docker stop` in the middle of a run, at a known point."""

@@ -160,6 +160,12 @@ def _train_offline(cfg: OfflineConfig, metrics, graceful: GracefulStop, held: co
         raise TrainError(f"--from-shards: {len(data.files)} shard file(s), {data.rows} rows, but no learning sample: "
                          "every trajectory ended without its reward (truncated); clients must send prev_reward / "
                          "prev_done on the next request of each unit")
+    sampled = data.sample
+    if not bool((data.reward[sampled] != 0).any()) and not bool(data.done.any()):
+        # legal (absent fields count as 0 / false) but almost surely a client that never sends them: learning
+        # would only fit the critic to zero and push the actor about on noise
+        print(f"offline: warning: all {data.samples} samples have reward 0 and no episode ended in them; do the "
+              "game clients send prev_reward / prev_done with each unit's next request?", file=sys.stderr)
     dev = torch.device(cfg.device)
 
     # --- 2. policy: fresh or resumed, always with a local critic ------------------------------------------------
