@@ -156,13 +156,16 @@ def cmd_serve(args) -> int:
 
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not 1 <= args.max_message_mb <= 2047:  # gRPC takes a 32-bit byte count; a frame of 4,096 units needs ~1
+        print(f"phalanx serve: --max-message-mb must lie in 1..2047, got {args.max_message_mb:g}", file=sys.stderr)
+        return 2
     config = ServeConfig(
         models=args.models, name=args.name, version=args.version, host=args.host, port=args.port,
         max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms, max_queue=args.max_queue,
         poll_seconds=args.poll_seconds, min_eval_win_rate=args.min_eval_win_rate, metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
-        grace_seconds=args.grace_seconds, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+        grace_seconds=args.grace_seconds, max_message_bytes=int(args.max_message_mb * 2 ** 20),
         torch_threads=args.torch_threads, forward_worker=args.forward_worker, seed=args.seed,
         experience_dir=args.experience_dir,
         experience_chunk_rows=args.experience_chunk_rows, experience_max_open=args.experience_max_open,

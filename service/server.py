@@ -10,6 +10,7 @@ comes back with its slice of the outputs. Metrics (service/metrics.py) are count
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import signal
@@ -105,6 +106,7 @@ def _deadline(context) -> float | None:
 
 
 DEADLINE_SLACK = 0.05  # seconds; see _why_cancelled
+MIN_MESSAGE_BYTES = 1 << 20  # a frame of 4,096 units (the default --max-queue) of 8m needs 1.3 MB
 MAX_PENDING_CALLS = 65536  # calls gRPC holds for the handlers, all connections together (see _start's options)
 
 
@@ -373,6 +375,11 @@ class RunningServer:
             raise ValueError(f"--version must be a positive integer (versions count from 1), got {config.version}")
         if config.torch_threads < 0:  # as the trainer's --threads
             raise ValueError(f"--torch-threads must be >= 0 (0: torch's default), got {config.torch_threads}")
+        if not config.grace_seconds >= 0:
+            raise ValueError(f"--grace-seconds must be >= 0, got {config.grace_seconds}")
+        if not MIN_MESSAGE_BYTES <= config.max_message_bytes < 2 ** 31:  # gRPC's limit is a 32-bit count
+            raise ValueError(f"max_message_bytes must lie in {MIN_MESSAGE_BYTES}..{2 ** 31 - 1} (--max-message-mb "
+                             f"1..2047), got {config.max_message_bytes}")
         if Path(config.models).exists() and not Path(config.models).is_dir():  # a missing one may yet appear
             raise ValueError(f"--models {config.models} is a file, not a model repository (a directory)")
         self.metrics = ServiceMetrics(registry)
@@ -564,7 +571,24 @@ async def serve(config: ServeConfig, on_listening: Callable[[RunningServer], Non
                 registry: CollectorRegistry | None = None) -> dict:
     """Run the service until SIGTERM or SIGINT, then shut down gracefully; returns a summary.
     Raises ValueError when nothing could ever be served (no servable version, and no polling)."""
-    running = await start_server(config, registry)
+    # Handlers first: a signal during the start (loading and warming a model can take seconds) must end it. As a
+    # container's PID 1 the process would otherwise ignore it, since PID 1 gets no default action for SIGTERM.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(start_server(config, registry))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("signal received while starting: stopping")
+        starting.cancel()  # start_server cleans up what it had started
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return {"event": "stopped", "address": None, "model": config.name, "version": None,
+                "stopped_while_starting": True}
+    stopped.cancel()
+    running = starting.result()
     if running.holder.current is None and config.poll_seconds == 0:
         # It would answer UNAVAILABLE forever: only a poll could bring a version in.
         await running.stop(grace=0)
@@ -576,10 +600,6 @@ async def serve(config: ServeConfig, on_listening: Callable[[RunningServer], Non
                          "(--poll-seconds > 0)")
     if on_listening is not None:
         on_listening(running)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("signal received: refusing new calls, finishing those in flight (grace %.1f s)", config.grace_seconds)
     await running.stop()

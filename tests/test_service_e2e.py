@@ -126,6 +126,35 @@ def test_serve_and_play_commands(service_repo):
         assert not Path(f"/proc/{workers[0]}").exists(), "the forward worker process outlived the server"
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the forward worker through /proc (Linux)")
+def test_sigterm_while_starting_stops_the_start_and_its_worker(service_repo):
+    """`docker stop` while the service loads its model: the start used to go on (as a container's PID 1, which
+    gets no default action for SIGTERM, it then served anyway), or the process died at once and left its
+    forward worker behind. Now the start is stopped, cleaned up, and the command says so."""
+    root, _, _ = service_repo
+    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--models", str(root), "--name", "m",
+                             "--port", "0", "--poll-seconds", "0"], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    workers: list[str] = []
+    for _ in range(600):  # the worker is spawned once the signal handlers are in place (bounded: 60 s)
+        workers = children.read_text().split() if children.exists() else []
+        if workers or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert workers, "serve never started its forward worker"
+    proc.send_signal(signal.SIGTERM)  # the worker is still importing torch: the start is far from done
+    code, out, err = _finish(proc)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["event"] == "stopped" and summary["stopped_while_starting"], out
+    for _ in range(100):  # the worker is reaped by the server's cleanup (bounded: 10 s)
+        if not Path(f"/proc/{workers[0]}").exists():
+            break
+        time.sleep(0.1)
+    assert not Path(f"/proc/{workers[0]}").exists(), "the forward worker outlived the stopped start"
+
+
 def test_sigterm_finishes_calls_in_flight(service_repo):
     root, scenario, _ = service_repo
     sim = BattleSim(scenario, 1, seed=0)

@@ -689,6 +689,12 @@ def test_serve_and_play_refuse_bad_settings_in_one_line(service_repo, tmp_path, 
     # the commands print one line and exit 2
     assert main(["serve", "--models", str(root), "--name", "m", "--port", "0", "--torch-threads", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "phalanx serve: --torch-threads must be >= 0 (0: torch's default), got -1"
+    for flag, value, message in (("--grace-seconds", "-1", "--grace-seconds must be >= 0, got -1.0"),
+                                 ("--max-message-mb", "0", "--max-message-mb must lie in 1..2047, got 0"),
+                                 ("--max-message-mb", "nan", "--max-message-mb must lie in 1..2047, got nan")):
+        # a server that cannot answer a message, or drains for no time at all, was started all the same
+        assert main(["serve", "--models", str(root), "--name", "m", "--port", "0", flag, value]) == 2
+        assert capsys.readouterr().err.strip() == f"phalanx serve: {message}"
     (tmp_path / "afile").write_text("")  # a file can never hold versions: refused rather than waited on
     assert main(["serve", "--models", str(tmp_path / "afile"), "--name", "m", "--port", "0"]) == 2
     assert capsys.readouterr().err.strip() == (f"phalanx serve: --models {tmp_path / 'afile'} is a file, not a model "
