@@ -1,8 +1,12 @@
 # Phalanx inference service (and trainer) image, CPU build.
 #   docker build -t phalanx .
-#   docker run -p 50051:50051 -p 9100:9100 -v $PWD/models:/models phalanx \
+#   docker run --stop-timeout 30 -p 50051:50051 -p 9100:9100 -v $PWD/models:/models phalanx \
 #       serve --models /models --name 3m --host 0.0.0.0 --port 50051 --metrics-host 0.0.0.0 --metrics-port 9100
 # The model repository is a mounted volume; the service polls it and swaps in new versions live.
+# Stopping: SIGTERM drains for --grace-seconds (10), then the forward worker closes and the experience log writes
+# its last shard; `docker stop` kills after 10 s unless told otherwise, so run with `--stop-timeout 30` (Kubernetes:
+# terminationGracePeriodSeconds: 30), or steps answered in the last seconds may never reach a shard.
+# Training in this image: `docker run --no-healthcheck ... phalanx train ...` (the health probe is the service's).
 FROM python:3.11-slim
 
 # torch's CPU wheels come from PyTorch's own index; a plain `pip install torch` would pull a CUDA build.
