@@ -315,8 +315,10 @@ def test_models_refuses_what_does_not_fit(repo, sc, capsys, tmp_path):
 
     _versions(repo, sc, "a", [0.1, 0.2])
     root = str(repo.root)
+    (tmp_path / "afile").write_text("")
     for args, message in (
             (["--models", str(tmp_path / "nowhere")], "no such directory"),
+            (["--models", str(tmp_path / "afile")], "afile: a file, not a model repository"),
             (["--models", root, "--name", "zz"], "no model 'zz' with complete versions under"),
             (["--models", root, "--name", "a", "--keep", "1"], "--keep and --keep-version go with --prune"),
             (["--models", root, "--name", "a", "--dry-run"], "--dry-run goes with --prune or --remove"),

@@ -145,7 +145,8 @@ def cmd_models(args) -> int:
         return 2
 
     if not Path(args.models).is_dir():
-        return fail(f"--models {args.models}: no such directory")
+        what = "a file, not a model repository (a directory)" if Path(args.models).exists() else "no such directory"
+        return fail(f"--models {args.models}: {what}")
     try:
         os.listdir(args.models)
     except OSError as e:

@@ -330,7 +330,7 @@ class ModelRepository:
         if version is None:
             version = self.latest(name)
             if version is None:
-                where = "" if self.root.is_dir() else " (no such directory)"
+                where = "" if self.root.is_dir() else " (a file)" if self.root.exists() else " (no such directory)"
                 raise ModelLoadError(f"no complete version of model {name!r} under {self.root}{where}")
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ModelLoadError(f"model version must be a positive integer, got {version!r}")
