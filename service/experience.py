@@ -13,7 +13,8 @@ event loop. A step's reward and done arrive with the NEXT request of the same un
   unknown: its waiting step is written `truncated`. Absent `prev_reward` / `prev_done` count as 0 / false.
 - A request that gets no answer (refused, shed, expired, cancelled) logs no step, but its `prev_reward` /
   `prev_done` complete the waiting step, written `truncated` unless done: the unit's next answered step starts
-  a new trajectory (it is not the waiting step's successor, and its reward is not the waiting step's).
+  a new trajectory (it is not the waiting step's successor, and its reward is not the waiting step's). A
+  byte-identical retry of that request is taken for the step it retries.
 - Requests without a `game_id` are not logged (a unit's steps could not be told apart across games); they are
   counted as dropped rows with reason `no_game_id`.
 - A trajectory's rows carry (game_id, episode_id, unit_id), a trajectory number unique within this run, and the
@@ -82,6 +83,10 @@ class _Waiting:
     value: float
     greedy: bool
     version: int
+    # Set when a request of this unit got no answer: (reward, done, truncated) to write this step with, and a
+    # fingerprint of that request (a byte-identical retry is the same step again, not a new one).
+    ended: tuple[float, bool, bool] | None = None
+    ended_by: int = 0
 
 
 _COLUMNS = (("episode_id", np.uint64), ("unit_id", np.int32), ("trajectory", np.uint64), ("step", np.uint32),
@@ -96,6 +101,11 @@ def _frame_prev(request: pb.ActBatchRequest, n: int) -> tuple[list[float], list[
                else [0.0] * n)
     dones = np.frombuffer(request.prev_dones.data, np.uint8).tolist() if request.HasField("prev_dones") else [0] * n
     return rewards, dones
+
+
+def _fingerprint(request: pb.ActRequest | pb.ActBatchRequest) -> int:
+    """Tells a retry (the same bytes again) from the unit's next request."""
+    return hash(request.SerializeToString(deterministic=True))
 
 
 class ExperienceLog:
@@ -159,7 +169,7 @@ class ExperienceLog:
             self._flusher.cancel()
         while self._waiting:
             _, waiting = self._waiting.popitem(last=False)
-            self._complete(waiting, 0.0, False, truncated=True)
+            self._complete_unfinished(waiting)
         self._hand_off()
         self.metrics.experience_open.set(0)
         if self._writer.ident is None:  # closed before start(): write what there is all the same
@@ -206,6 +216,7 @@ class ExperienceLog:
         """One answered Act / ActStream request."""
         if self._skip(request.game_id, 1):
             return
+        self._retried((request.game_id, request.unit_id), request)
         self._step(request.game_id, request.episode_id, request.unit_id, rows.obs[0], rows.mask[0],
                    int(out.action[0]), float(out.log_prob[0]), float(out.value[0]), bool(rows.greedy[0]),
                    out.version, request.prev_reward if request.HasField("prev_reward") else 0.0,
@@ -218,38 +229,50 @@ class ExperienceLog:
             return
         rewards, dones = _frame_prev(request, n)
         units, actions = rows.unit.tolist(), out.action.tolist()
+        for unit in units:
+            self._retried((request.game_id, unit), request)
         log_probs, values, greedy = out.log_prob.tolist(), out.value.tolist(), rows.greedy.tolist()
         for i in range(n):
             self._step(request.game_id, request.episode_id, units[i], rows.obs[i], rows.mask[i], actions[i], log_probs[i],
                        values[i], greedy[i], out.version, rewards[i], bool(dones[i]))
 
     # A request that got no answer (refused, shed, expired, cancelled) logs no step. The reward it carried still
-    # belongs to its units' waiting steps, and those steps have no successor: they end here, so the next answered
+    # belongs to its units' waiting steps, and those steps have no successor: they end there, so the next answered
     # step starts a new trajectory instead of taking the next reward and being bootstrapped as their next state.
+    # The ended step stays where it waits and is written when the unit's next answered request comes (which
+    # waited for room() as every recorded request does), or when it is evicted or the log closes: writing it here
+    # would fill chunks past the backpressure. A byte-identical retry of that request (the client retries
+    # UNAVAILABLE) is the same step after all: it undoes the end.
     def unanswered_unit(self, request: pb.ActRequest) -> None:
         """An Act / ActStream request that got no answer."""
         if self.closed or not request.game_id:
             return
         reward = request.prev_reward if request.HasField("prev_reward") else 0.0
-        self._cut(request.game_id, request.unit_id, reward,
-                  request.HasField("prev_done") and request.prev_done)
+        self._end(request.game_id, request.unit_id, reward, request.HasField("prev_done") and request.prev_done,
+                  _fingerprint(request))
 
     def unanswered_frame(self, request: pb.ActBatchRequest, rows: Rows | None) -> None:
         """An ActBatch frame that got no answer; `rows` None: it failed validation, so its units are unknown."""
         if self.closed or not request.game_id or rows is None:
             return
         rewards, dones = _frame_prev(request, rows.unit.shape[0])
+        fingerprint = _fingerprint(request)
         for unit, reward, done in zip(rows.unit.tolist(), rewards, dones):
-            self._cut(request.game_id, unit, reward, bool(done))
+            self._end(request.game_id, unit, reward, bool(done), fingerprint)
 
-    def _cut(self, game_id: str, unit_id: int, reward: float, done: bool) -> None:
-        waiting = self._waiting.pop((game_id, unit_id), None)
-        if waiting is None:
+    def _end(self, game_id: str, unit_id: int, reward: float, done: bool, fingerprint: int) -> None:
+        waiting = self._waiting.get((game_id, unit_id))
+        if waiting is None or waiting.ended is not None:  # a later failure carries a reward no logged step earned
             return
         if not math.isfinite(reward):  # the request was refused for it: no reward is known
             reward, done = 0.0, False
-        self._complete(waiting, reward, done, truncated=not done)  # done: a whole step, as a sample needs
-        self.metrics.experience_open.set(len(self._waiting))
+        waiting.ended, waiting.ended_by = (reward, done, not done), fingerprint  # done: a whole step, a sample
+
+    def _retried(self, key: tuple[str, int], request) -> None:
+        """Undo an end that `request` retries (called before recording it)."""
+        waiting = self._waiting.get(key)
+        if waiting is not None and waiting.ended is not None and waiting.ended_by == _fingerprint(request):
+            waiting.ended = None
 
     def _skip(self, game_id: str, n: int) -> bool:
         if self.closed:
@@ -268,7 +291,9 @@ class ExperienceLog:
         key = (game_id, unit_id)
         waiting = self._waiting.pop(key, None)
         trajectory, step = None, 0
-        if waiting is not None:  # this request completes the unit's waiting step
+        if waiting is not None and waiting.ended is not None:  # a request in between got no answer
+            self._complete_unfinished(waiting)
+        elif waiting is not None:  # this request completes the unit's waiting step
             if prev_done or waiting.episode_id == episode_id:
                 self._complete(waiting, prev_reward, prev_done, truncated=False)
                 if not prev_done:
@@ -284,8 +309,14 @@ class ExperienceLog:
         if len(self._waiting) > self.max_open:
             _, stalest = self._waiting.popitem(last=False)
             self.metrics.experience_evictions.inc()
-            self._complete(stalest, 0.0, False, truncated=True)
+            self._complete_unfinished(stalest)
         self.metrics.experience_open.set(len(self._waiting))
+
+    def _complete_unfinished(self, w: _Waiting) -> None:
+        """A waiting step no answered request will complete: as its unanswered request ended it, if one did,
+        else truncated with reward 0."""
+        reward, done, truncated = w.ended or (0.0, False, True)
+        self._complete(w, reward, done, truncated=truncated)
 
     def _complete(self, w: _Waiting, reward: float, done: bool, *, truncated: bool) -> None:
         """Put a finished step into the open chunk (handing the chunk to the writer when it is full)."""

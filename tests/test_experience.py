@@ -10,6 +10,7 @@ import asyncio
 import gc
 import json
 import random
+import threading
 import weakref
 
 import grpc
@@ -443,6 +444,58 @@ def test_a_disk_that_falls_behind_slows_logging_requests_but_loses_nothing(tmp_p
     assert counter(metrics, "phalanx_experience_wait_seconds_total") > 0
     assert ticks >= waited / 0.005 / 4  # the loop kept turning while requests waited
     assert pq.read_table(sorted((tmp_path / "exp").glob("*.parquet"))).num_rows == 40
+
+
+def test_requests_that_get_no_answer_do_not_get_round_the_backpressure(tmp_path, monkeypatch):
+    """A stalled disk, and every unit's other request unanswered: ending the waiting steps used to write them
+    into chunks at once, past room()'s reckoning, so the chunks waiting for the disk grew without bound (102
+    after 51 rounds) and room() never held a request back."""
+    disk = threading.Event()
+    slow_disk(monkeypatch, lambda: disk.wait(30))
+
+    async def main():
+        log, _ = make_log(tmp_path, chunk_rows=4, max_backlog=1)
+        recorded, held_back = 0, False
+        for t in range(50):
+            for u in range(8):
+                try:
+                    await asyncio.wait_for(log.room(), 0.2)
+                except asyncio.TimeoutError:
+                    held_back = True
+                    break
+                unit_step(log, "game-0", u, t, prev_reward=1.0)
+                recorded += 1
+            if held_back:
+                break
+            for u in range(8):
+                log.unanswered_unit(act_request(np.zeros(O, np.float32), np.ones(N, bool), u, game_id="game-0",
+                                                prev_reward=2.0))
+        disk.set()
+        await log.close()
+        return t, held_back, recorded
+
+    rounds, held_back, recorded = asyncio.run(main())
+    assert held_back and rounds < 5
+    rows = pq.read_table(sorted((tmp_path / "exp").glob("*.parquet"))).to_pylist()
+    assert len(rows) == recorded  # and nothing answered is lost
+    assert all(r["reward"] == 2.0 and r["truncated"] for r in rows[:8])  # the first round's steps, ended
+
+
+def test_a_retried_request_continues_the_trajectory_its_failure_ended(tmp_path):
+    """The client retries UNAVAILABLE with the same request: the step it failed to make is the same step, so the
+    retry completes the waiting step as usual (a new request would not: test above)."""
+    log, _ = make_log(tmp_path)
+    unit_step(log, "game-0", 0, 0)
+    again = act_request(np.zeros(O, np.float32), np.ones(N, bool), 0, game_id="game-0", prev_reward=5.0)
+    log.unanswered_unit(again)
+    rows = Rows(np.array([[0, 0, 1, 0, 0, 0]], np.float32), np.ones((1, N), bool), np.array([0]), np.array([False]))
+    log.record_unit(again, rows, Outputs(7, np.array([1]), np.array([-0.5], np.float32), np.array([0.6], np.float32),
+                                         np.array([0.25], np.float32)))
+    unit_step(log, "game-0", 0, 2, prev_reward=6.0, prev_done=True)
+    asyncio.run(log.close())
+    data = read_shards(tmp_path / "exp")
+    assert data.obs[:, 2].tolist() == [0.0, 1.0, 2.0] and data.reward.tolist() == [5.0, 6.0, 0.0]
+    assert data.has_next.tolist() == [True, False, False] and data.done.tolist() == [False, True, False]
 
 
 def test_a_thousand_requests_waiting_for_the_writer_do_not_starve_it(tmp_path, monkeypatch):
