@@ -179,26 +179,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
         async def read() -> None:
             # Cancelled (a drain, or the call ended) only while it waits for room or for the next message, never
-            # while it holds one: whatever it has read is queued, and so is the end, with no await in between.
+            # while it holds one: whatever it has read is queued, with no await in between.
             messages = aiter(request_iterator)
-            try:
-                while True:
-                    await window.acquire()
-                    try:
-                        request = await anext(messages)
-                    except StopAsyncIteration:
-                        return
-                    start, rows = time.perf_counter(), None
-                    try:
-                        rows = unit_rows(request, self.holder.require())
-                        item = self.batcher.enqueue(rows, deadline)
-                    except RequestError as e:
-                        item = e
-                    pending.put_nowait((request, rows, start, item))
-            finally:
-                pending.put_nowait(None)
+            while True:
+                await window.acquire()
+                try:
+                    request = await anext(messages)
+                except StopAsyncIteration:
+                    return
+                start, rows = time.perf_counter(), None
+                try:
+                    rows = unit_rows(request, self.holder.require())
+                    item = self.batcher.enqueue(rows, deadline)
+                except RequestError as e:
+                    item = e
+                pending.put_nowait((request, rows, start, item))
 
         reader = asyncio.create_task(read())
+        # the end of the requests, however the reader ends: even cancelled before it ever ran (a drain under way)
+        reader.add_done_callback(lambda _: pending.put_nowait(None))
         self._stream_readers.add(reader)
         if self.draining:
             reader.cancel()

@@ -282,6 +282,36 @@ def test_batcher_close_fails_the_batch_in_the_forward_pass_too():
     assert all(isinstance(e, RequestError) and e.code == grpc.StatusCode.UNAVAILABLE for e in errors)
 
 
+def test_a_stream_that_starts_while_draining_ends_at_once():
+    """A stream whose handler starts after the drain began (a call gRPC queued before the stop), or whose reader
+    had not run yet when the drain came, used to wait for the grace period to run out."""
+    from service.server import InferenceServicer
+
+    class Context:
+        def time_remaining(self):
+            return None
+
+    async def silent_client():  # sends nothing, never closes
+        await asyncio.sleep(3600)
+        yield None
+
+    async def main():
+        draining = InferenceServicer(None, None, ServiceMetrics(CollectorRegistry()))
+        draining.end_streams()
+        late = draining.ActStream(silent_client(), Context())
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(late.__anext__(), 10)
+        servicer = InferenceServicer(None, None, ServiceMetrics(CollectorRegistry()))
+        stream = servicer.ActStream(silent_client(), Context())
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)  # the handler waits for answers; its reader has not taken a step yet
+        servicer.end_streams()
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(first, 10)
+
+    asyncio.run(main())
+
+
 def test_a_lone_caller_does_not_wait_for_the_delay():
     async def main():
         fwd = _Recorder()
