@@ -91,6 +91,9 @@ class ModelHolder:
         self._generator = torch.Generator().manual_seed(seed)  # sampling in `forward` (the in-process worker)
         self._lock = threading.Lock()  # one load at a time
         self._removed_warned: int | None = None  # the removed version already logged (polls repeat)
+        # Set when the server stops: a load under way in the loading thread (which a stop cannot interrupt)
+        # finishes the version in hand and tries no other, or a stop would wait for every version on disk.
+        self.closed = False
 
     # --- the request path -------------------------------------------------------------------------------
     def require(self) -> ServedModel:
@@ -157,6 +160,8 @@ class ModelHolder:
             return any(self._try(v) for v in sorted(older, reverse=True))
 
     def _try(self, version: int) -> bool:
+        if self.closed:
+            return False
         files = self._files(version)
         try:
             model = self._prepare(version)

@@ -531,6 +531,7 @@ class RunningServer:
             return
         grace = self.config.grace_seconds if grace is None else grace
         self.draining = True
+        self.holder.closed = True
         await self.health.enter_graceful_shutdown()
         self.batcher.flush_now()
         self.servicer.end_streams()

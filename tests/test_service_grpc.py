@@ -1116,6 +1116,37 @@ def test_a_start_that_fails_gives_back_the_metrics_port(service_repo, monkeypatc
         s.bind(("127.0.0.1", port))  # free again
 
 
+def test_a_start_stopped_while_loading_tries_no_other_version(tmp_path, monkeypatch):
+    """The loading thread cannot be interrupted: stopped in the middle of a start, it went on to prepare every
+    older version (each refused by the closed worker, 'will retry'), and the process could not exit until then."""
+    import service.model_holder as model_holder
+
+    sc = load_scenario("3m")
+    repo = ModelRepository(tmp_path / "models")
+    policy = Policy.for_scenario(sc, hidden=8).eval()
+    for _ in range(4):
+        repo.save("m", policy, scenario=sc, step=0, eval_win_rate=None)
+    prepared, real_prepare = [], model_holder.ModelHolder._prepare
+
+    def slow_prepare(self, version):
+        prepared.append(version)
+        time.sleep(0.3)
+        return real_prepare(self, version)
+
+    monkeypatch.setattr(model_holder.ModelHolder, "_prepare", slow_prepare)
+
+    async def main():
+        starting = asyncio.create_task(start_server(ServeConfig(models=tmp_path / "models", name="m", port=0,
+                                                                poll_seconds=0), CollectorRegistry()))
+        await wait_until(lambda: prepared, "the first version to be prepared", tries=3000)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+
+    asyncio.run(main())  # returns once the loading thread is done
+    assert prepared == [4]
+
+
 def test_metrics_are_served_on_the_metrics_port(service_repo):
     root, scenario, _ = service_repo
     obs, mask, unit = sim_inputs(scenario, games=2, steps=1)
