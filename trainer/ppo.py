@@ -379,6 +379,9 @@ def _train(cfg: TrainConfig, metrics, graceful: GracefulStop, held: contextlib.E
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
     if resumed_from is not None:
         unrestored = _resume_adam(repo, cfg.name, resumed_from, optimizer, policy)
+        if world > 1 and not all_ranks_ready(unrestored is None) and unrestored is None:
+            optimizer.state.clear()  # another rank could not restore it: the ranks' updates must stay the same
+            unrestored = "another rank could not read the stored optimizer state"
         if unrestored and rank == 0:
             print(f"train: note: Adam starts afresh: {unrestored}", file=sys.stderr)
     if rank or start_step:
