@@ -169,7 +169,10 @@ def child_main(fd: int, threads: int, seed: int) -> int:
     sys.setswitchinterval(0.0005)
     sock = socket.socket(fileno=fd)
     child = _Child(threads, seed)
-    sock.sendall(_pack(b"OKAY"))  # ready: torch is imported
+    try:
+        sock.sendall(_pack(b"OKAY"))  # ready: torch is imported
+    except ConnectionError:
+        return 0  # the server stopped while we started (a SIGTERM during its own start)
     while True:
         try:
             kind, a, b, length = HEADER.unpack(_recv_exact(sock, HEADER.size))

@@ -579,7 +579,12 @@ async def serve(config: ServeConfig, on_listening: Callable[[RunningServer], Non
         loop.add_signal_handler(sig, stop.set)
     starting = asyncio.create_task(start_server(config, registry))
     stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # serve() itself cancelled (embedded in a larger program): take the start with it
+        starting.cancel()
+        stopped.cancel()
+        raise
     if not starting.done():
         log.info("signal received while starting: stopping")
         starting.cancel()  # start_server cleans up what it had started

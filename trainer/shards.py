@@ -212,7 +212,8 @@ def shard_files(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list
             files.append(p)
         else:
             raise ShardError(f"{p}: no such shard file or directory")
-    files = list({f.resolve(): f for f in reversed(files)}.values())[::-1]  # the first naming of each file
+    seen: set[Path] = set()
+    files = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]  # each at its first naming
     if not files:
         raise ShardError(f"no shard files (*{SUFFIX}) in {', '.join(str(s) for s in sources)} (a service logging "
                          f"there writes one when a chunk fills, every --experience-flush-seconds (60 s by default), "
