@@ -266,14 +266,17 @@ def test_batcher_close_fails_waiting_callers_with_unavailable():
 
 
 def test_batcher_close_fails_the_batch_in_the_forward_pass_too():
+    entered = asyncio.Event()
+
     async def stuck(obs, mask, unit, greedy):
+        entered.set()
         await asyncio.sleep(60)
 
     async def main():
         b = Batcher(stuck, max_batch_size=1, metrics=ServiceMetrics(CollectorRegistry()))
         b.start()
         computing = b.enqueue(_rows(1.0))
-        await asyncio.sleep(0.05)  # now inside the forward pass
+        await asyncio.wait_for(entered.wait(), 10)  # now inside the forward pass
         waiting = b.enqueue(_rows(2.0))
         await b.close()
         return await asyncio.wait_for(asyncio.gather(computing, waiting, return_exceptions=True), 10)
