@@ -295,17 +295,7 @@ class ModelRepository:
         """The optimizer state saved with a version, as named tensors; None when it has none (a version from
         before such state was kept, or one written without it). Raises ModelLoadError when the file is there
         but unreadable or not safetensors; what the tensors mean is the trainer's to check."""
-        path = self.load_card(name, version)[2] / OPTIMIZER_FILE
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise ModelUnreadable(f"{path}: cannot read optimizer state: {e}") from None
-        try:
-            return st_load(data)
-        except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
-            raise ModelLoadError(f"{path}: not a valid safetensors file (truncated or corrupt?): {e}") from None
+        return _read_safetensors(self.load_card(name, version)[2] / OPTIMIZER_FILE, "optimizer state")
 
     def lineage(self, name: str, card: dict) -> Iterator[dict]:
         """A version's card, then the cards of the versions it was resumed from, newest first, as far as they
@@ -442,18 +432,26 @@ def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         return {}
 
 
-def load_weights(policy: Policy, path: Path) -> None:
-    """Read safetensors at `path` into `policy` after checking names, shapes, dtypes and finiteness."""
+def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of a safetensors file; None when there is no such file. Raises ModelUnreadable (an I/O error)
+    or ModelLoadError (not safetensors)."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise ModelLoadError(f"{path}: weights file is missing") from None
+        return None
     except OSError as e:
-        raise ModelUnreadable(f"{path}: cannot read weights: {e}") from None
+        raise ModelUnreadable(f"{path}: cannot read {what}: {e}") from None
     try:
-        tensors = st_load(data)
+        return st_load(data)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
         raise ModelLoadError(f"{path}: not a valid safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load_weights(policy: Policy, path: Path) -> None:
+    """Read safetensors at `path` into `policy` after checking names, shapes, dtypes and finiteness."""
+    tensors = _read_safetensors(path, "weights")
+    if tensors is None:
+        raise ModelLoadError(f"{path}: weights file is missing")
     expected = policy.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
