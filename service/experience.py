@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import math
 import queue
@@ -216,11 +217,10 @@ class ExperienceLog:
         """One answered Act / ActStream request."""
         if self._skip(request.game_id, 1):
             return
-        self._retried((request.game_id, request.unit_id), request)
         self._step(request.game_id, request.episode_id, request.unit_id, rows.obs[0], rows.mask[0],
                    int(out.action[0]), float(out.log_prob[0]), float(out.value[0]), bool(rows.greedy[0]),
                    out.version, request.prev_reward if request.HasField("prev_reward") else 0.0,
-                   request.HasField("prev_done") and request.prev_done)
+                   request.HasField("prev_done") and request.prev_done, functools.cache(lambda: _fingerprint(request)))
 
     def record_frame(self, request: pb.ActBatchRequest, rows: Rows, out: Outputs) -> None:
         """One answered ActBatch frame (already validated: the prev_* tensors have one entry per row)."""
@@ -229,12 +229,11 @@ class ExperienceLog:
             return
         rewards, dones = _frame_prev(request, n)
         units, actions = rows.unit.tolist(), out.action.tolist()
-        for unit in units:
-            self._retried((request.game_id, unit), request)
         log_probs, values, greedy = out.log_prob.tolist(), out.value.tolist(), rows.greedy.tolist()
+        fingerprint = functools.cache(lambda: _fingerprint(request))  # computed only if a unit's step was ended
         for i in range(n):
             self._step(request.game_id, request.episode_id, units[i], rows.obs[i], rows.mask[i], actions[i], log_probs[i],
-                       values[i], greedy[i], out.version, rewards[i], bool(dones[i]))
+                       values[i], greedy[i], out.version, rewards[i], bool(dones[i]), fingerprint)
 
     # A request that got no answer (refused, shed, expired, cancelled) logs no step. The reward it carried still
     # belongs to its units' waiting steps, and those steps have no successor: they end there, so the next answered
@@ -268,12 +267,6 @@ class ExperienceLog:
             reward, done = 0.0, False
         waiting.ended, waiting.ended_by = (reward, done, not done), fingerprint  # done: a whole step, a sample
 
-    def _retried(self, key: tuple[str, int], request) -> None:
-        """Undo an end that `request` retries (called before recording it)."""
-        waiting = self._waiting.get(key)
-        if waiting is not None and waiting.ended is not None and waiting.ended_by == _fingerprint(request):
-            waiting.ended = None
-
     def _skip(self, game_id: str, n: int) -> bool:
         if self.closed:
             return True
@@ -287,12 +280,13 @@ class ExperienceLog:
         return True
 
     def _step(self, game_id: str, episode_id: int, unit_id: int, obs: np.ndarray, mask: np.ndarray, action: int,
-              log_prob: float, value: float, greedy: bool, version: int, prev_reward: float, prev_done: bool) -> None:
+              log_prob: float, value: float, greedy: bool, version: int, prev_reward: float, prev_done: bool,
+              fingerprint: Callable[[], int]) -> None:
         key = (game_id, unit_id)
         waiting = self._waiting.pop(key, None)
         trajectory, step = None, 0
-        if waiting is not None and waiting.ended is not None:  # a request in between got no answer
-            self._complete_unfinished(waiting)
+        if waiting is not None and waiting.ended is not None and waiting.ended_by != fingerprint():
+            self._complete_unfinished(waiting)  # a request in between got no answer (and this is not its retry)
         elif waiting is not None:  # this request completes the unit's waiting step
             if prev_done or waiting.episode_id == episode_id:
                 self._complete(waiting, prev_reward, prev_done, truncated=False)
