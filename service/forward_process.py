@@ -270,8 +270,11 @@ class ProcessForward:
         reply_timeout is killed, and the next exchange starts a new one."""
         self._writer.write(message)
         try:
-            return await asyncio.wait_for(self._read_reply(), self.reply_timeout)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that arrives as the
+            # reply does (the batcher's close() then waited for its cancelled task for good)
+            async with asyncio.timeout(self.reply_timeout):
+                return await self._read_reply()
+        except TimeoutError:
             pid = None if self.proc is None else self.proc.pid
             log.error("forward worker process %s did not answer within %g s; killing it", pid, self.reply_timeout)
             await self._kill()
